@@ -1,0 +1,22 @@
+"""Typed run configuration (pydantic v2): YAML files plus dotted command-line overrides."""
+
+from versavit.config.loader import (
+    ConfigError,
+    apply_overrides,
+    config_hash,
+    config_to_dict,
+    dump_yaml,
+    load_config,
+)
+from versavit.config.schema import TASKS, RunConfig
+
+__all__ = [
+    "TASKS",
+    "ConfigError",
+    "RunConfig",
+    "apply_overrides",
+    "config_hash",
+    "config_to_dict",
+    "dump_yaml",
+    "load_config",
+]
