@@ -142,11 +142,12 @@ def run_local(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
         parent_id = tracker.run_id(parent)
         unlogged = tracker.close()
     table = Table(title=f"versavit pipeline: {cfg.name} ({time.perf_counter() - started:.0f} s)")
-    for col in ("split", "samples", "shards", "skipped", "samples/s", "objects/image", "depth range (m)"):
+    for col in ("split", "samples", "shards", "skipped", "samples/s", "objects/image (n:count)", "depth (m)"):
         table.add_column(col)
     for split, r in checks.items():
         table.add_row(split, str(r["num_samples"]), str(r["num_shards"]), str(r["skipped"]),
-                      f"{r['samples_per_s']:.0f}", json.dumps(r["objects_per_image"]),
+                      f"{r['samples_per_s']:.0f}",
+                      " ".join(f"{k}:{v}" for k, v in r["objects_per_image"].items()),
                       f"{r['depth_range'][0]:.2f}-{r['depth_range'][1]:.2f}")
     uri = tracking_uri(cfg)
     console.print(table)

@@ -184,10 +184,18 @@ def shard_pipeline(
     return pipeline
 
 
+def _as_is(sample: Any) -> Any:
+    return sample
+
+
 def make_loader(dataset: wds.DataPipeline, num_workers: int = 0, batch_size: int | None = None,
                 collate_fn: Callable | None = None) -> torch.utils.data.DataLoader:
-    """A DataLoader over a shard pipeline (batching in the workers when batch_size is given)."""
+    """A DataLoader over a shard pipeline (batching in the workers when batch_size is given).
+
+    Samples pass through unchanged (numpy stays numpy) unless `collate_fn` says otherwise.
+    """
     if batch_size is not None:
         dataset = dataset.compose(wds.batched(batch_size, collation_fn=collate_fn, partial=False))
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                                       collate_fn=_as_is, persistent_workers=False,
+                                       prefetch_factor=4 if num_workers else None)
