@@ -6,21 +6,18 @@ without a traceback: 2 for a bad config or usage, 1 for a failed stage.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from versavit import storage
 from versavit.config import ConfigError, RunConfig, dump_yaml, load_config
+from versavit.progress import console, per_name, progress_bar
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="VersaViT: multi-task post-training of an MLLM's vision encoder, end to end.")
@@ -31,7 +28,6 @@ app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
 
-console = Console(stderr=True, soft_wrap=True)
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
 ConfigOpt = typer.Option(None, "--config", "-c", help=f"run config YAML (default: {DEFAULT_CONFIG} if present)")
@@ -44,13 +40,6 @@ def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:
     cfg = load_config(path, overrides or [])
     storage.configure(cfg.storage)
     return cfg
-
-
-@contextlib.contextmanager
-def progress_bar() -> Iterator[Progress]:
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=console, transient=False) as progress:
-        yield progress
 
 
 @config_app.command("validate")
@@ -87,14 +76,7 @@ def data_synth(
                              "num_val": num_val or max(1, num_samples // 8), "seed": seed,
                              "image_size": image_size, "samples_per_shard": samples_per_shard})
     with progress_bar() as bar:
-        tasks: dict[str, int] = {}
-
-        def report(split: str, done: int, total: int) -> None:
-            if split not in tasks:
-                tasks[split] = bar.add_task(f"render {split}", total=total)
-            bar.update(tasks[split], completed=done)
-
-        manifests = build_synthetic(out, syn, workers=workers, progress=report)
+        manifests = build_synthetic(out, syn, workers=workers, progress=per_name(bar, "render"))
     for split, m in manifests.items():
         console.print(f"{split}: {m.num_samples} samples in {len(m.shards)} shard(s) at {m.url} "
                       f"(digest {m.digest[:12]})")

@@ -9,7 +9,6 @@ take over the ordering once the pipeline definitions exist.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from versavit.config import RunConfig, config_hash, config_to_dict
 from versavit.data.build import build_synthetic
 from versavit.data.inspect import inspect_dataset
 from versavit.data.shards import Manifest, read_manifest
+from versavit.progress import per_name, progress_bar
 from versavit.tracking import RunHandle, Tracker, default_tracking_uri, lineage_tags
 
 
@@ -37,6 +37,14 @@ def make_tracker(cfg: RunConfig, rank: int = 0) -> Tracker:
     pending = None if storage.is_remote(cfg.workdir) else str(Path(cfg.workdir) / "mlflow-pending")
     return Tracker.for_rank(rank, tracking_uri=tracking_uri(cfg), experiment=cfg.tracking.experiment,
                             enabled=cfg.tracking.enabled, pending_dir=pending)
+
+
+def reports_dir(cfg: RunConfig, stage: str) -> Path:
+    """A local folder for a stage's figures and tables (the workdir, or ./runs/<name> for s3://)."""
+    root = Path(cfg.workdir) if not storage.is_remote(cfg.workdir) else Path("runs") / cfg.name
+    path = root / "reports" / stage
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def synthetic_url(cfg: RunConfig) -> str:
@@ -56,8 +64,6 @@ def _reusable(url: str, wanted: dict[str, Any]) -> Manifest | None:
 def run_data(cfg: RunConfig, tracker: Tracker, run: RunHandle, console: Console | None = None,
              workers: int | None = None) -> dict[str, Manifest]:
     """Stage `data`: render the synthetic world's train/val shards (or reuse identical ones)."""
-    from versavit.cli import progress_bar
-
     root = synthetic_url(cfg)
     syn = cfg.data.synthetic
     manifests: dict[str, Manifest] = {}
@@ -68,13 +74,7 @@ def run_data(cfg: RunConfig, tracker: Tracker, run: RunHandle, console: Console 
     start = time.perf_counter()
     if missing:
         with progress_bar() as bar:
-            ids: dict[str, Any] = {}
-
-            def report(split: str, done: int, total: int) -> None:
-                ids.setdefault(split, bar.add_task(f"render {split}", total=total))
-                bar.update(ids[split], completed=done)
-
-            manifests.update(build_synthetic(root, syn, splits=missing, progress=report,
+            manifests.update(build_synthetic(root, syn, splits=missing, progress=per_name(bar, "render"),
                                              workers=cfg.data.num_workers if workers is None else workers))
     elif console:
         console.print(f"data: reusing the synthetic world at {root} (same settings)")
@@ -92,11 +92,14 @@ def run_data(cfg: RunConfig, tracker: Tracker, run: RunHandle, console: Console 
 
 def run_data_check(cfg: RunConfig, tracker: Tracker, run: RunHandle, manifests: dict[str, Manifest],
                    ) -> dict[str, Any]:
-    """Stage `data_check`: read every split back through the training reader; stats + preview."""
-    from versavit.cli import progress_bar
+    """Stage `data_check`: read every split back through the training reader; stats + preview.
 
+    Figures and statistics are written under `<workdir>/reports/data_check/` (kept even when the
+    tracking server is down) and logged as artifacts of the stage run.
+    """
     results: dict[str, Any] = {}
-    with progress_bar() as bar, tempfile.TemporaryDirectory() as tmp:
+    tmp = reports_dir(cfg, "data_check")
+    with progress_bar() as bar:
         for split, m in manifests.items():
             task = bar.add_task(f"read {split}", total=m.num_samples)
             res = inspect_dataset([m.url], num_workers=cfg.data.num_workers,
@@ -104,10 +107,10 @@ def run_data_check(cfg: RunConfig, tracker: Tracker, run: RunHandle, manifests: 
                                   progress=lambda n, t=task: bar.update(t, completed=n))
             preview = res.pop("preview")
             if preview is not None:
-                path = Path(tmp) / f"preview-{split}.png"
+                path = tmp / f"preview-{split}.png"
                 preview.save(path)
                 tracker.log_artifact(run, str(path), "previews")
-            stats_path = Path(tmp) / f"stats-{split}.json"
+            stats_path = tmp / f"stats-{split}.json"
             stats_path.write_text(json.dumps(res, indent=1, default=str))
             tracker.log_artifact(run, str(stats_path), "stats")
             tracker.log_dataset(run, f"synthetic-{split}", m.url, m.digest, context=split,
@@ -151,9 +154,10 @@ def run_local(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
                       f"{r['depth_range'][0]:.2f}-{r['depth_range'][1]:.2f}")
     uri = tracking_uri(cfg)
     console.print(table)
-    console.print(f"MLflow: parent run {parent_id} in experiment {cfg.tracking.experiment!r} at {uri}\n"
-                  f"  open the UI with: versavit ui --config <this config>  (or: mlflow ui "
-                  f"--backend-store-uri {uri})")
+    shown_id = parent_id or "(not created: tracking server unreachable)"
+    console.print(f"MLflow: parent run {shown_id} in experiment {cfg.tracking.experiment!r} at {uri}")
+    if uri.startswith("sqlite:"):
+        console.print(f"  open the UI: versavit ui --config <this config>  (or: mlflow ui --backend-store-uri {uri})")
     if any(unlogged.values()):
         console.print(f"[yellow]tracking: not logged: {unlogged}[/yellow]")
     return {"parent_run_id": parent_id, "manifests": manifests, "checks": checks, "unlogged": unlogged}
