@@ -9,6 +9,7 @@ take over the ordering once the pipeline definitions exist.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,8 @@ def run_local(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
     storage.ensure_bucket(cfg.workdir)
     tracker = make_tracker(cfg)
     started = time.perf_counter()
-    parent = tracker.start_pipeline_run(cfg.name, tags={**lineage_tags(config_hash(cfg)),
+    lineage = lineage_tags(config_hash(cfg), kfp_run_id=os.environ.get("KFP_RUN_ID"))
+    parent = tracker.start_pipeline_run(cfg.name, tags={**lineage,
                                                          "versavit.workdir": cfg.workdir})
     tracker.log_config(parent, config_to_dict(cfg))
     status = "FAILED"
