@@ -24,9 +24,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 config_app = typer.Typer(no_args_is_help=True, help="Check and print run configurations.")
 data_app = typer.Typer(no_args_is_help=True, help="Build and inspect task shards.")
 pipeline_app = typer.Typer(no_args_is_help=True, help="Run the whole workflow.")
+train_app = typer.Typer(no_args_is_help=True, help="Training stages (launched with torchrun / on the cluster).")
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(train_app, name="train")
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
@@ -98,6 +100,29 @@ def ui(config: Path = ConfigOpt, port: int = typer.Option(5000, "--port"),
                                       "--host", "127.0.0.1", "--port", str(port)], env=env))
 
 
+def _train(stage: str, config: Path | None, overrides: list[str] | None) -> None:
+    from versavit.launch import launch_local
+
+    cfg = _load(config, overrides)
+    if cfg.launch.backend != "local":
+        raise ConfigError(f"launch.backend={cfg.launch.backend!r} runs through the pipeline's cluster path; "
+                          "use launch.backend=local to train on this machine")
+    result = launch_local(cfg, stage)
+    console.print(f"{stage}: {result['steps']} steps done; export at {result['export_url']}")
+
+
+@train_app.command("warmup")
+def train_warmup(config: Path = ConfigOpt, overrides: list[str] = OverridesArg) -> None:
+    """Caption warm-up: the projector alone learns to feed the frozen ViT's features to the LLM."""
+    _train("warmup", config, overrides)
+
+
+@train_app.command("multitask")
+def train_multitask(config: Path = ConfigOpt, overrides: list[str] = OverridesArg) -> None:
+    """Multi-task training: ViT + caption/VQA, depth and referring-segmentation heads (DeepSpeed ZeRO-2)."""
+    _train("multitask", config, overrides)
+
+
 @pipeline_app.command("run")
 def pipeline_run(
     local: bool = typer.Option(False, "--local", help="run on this machine (the only mode so far)"),
@@ -119,13 +144,14 @@ def main() -> None:
     for noisy in ("alembic", "botocore", "urllib3", "s3fs", "aiobotocore", "mlflow.store"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from versavit.data.loader import CorruptDataError
+    from versavit.launch import LaunchError
 
     try:
         app(standalone_mode=False)
     except ConfigError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         sys.exit(2)
-    except (storage.StorageError, CorruptDataError) as exc:
+    except (storage.StorageError, CorruptDataError, LaunchError) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         sys.exit(1)
     except typer.Exit as exc:

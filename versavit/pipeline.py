@@ -19,7 +19,7 @@ from rich.table import Table
 
 from versavit import storage
 from versavit.config import RunConfig, config_hash, config_to_dict
-from versavit.data.build import build_synthetic
+from versavit.data.build import build_synthetic, synthetic_root
 from versavit.data.inspect import inspect_dataset
 from versavit.data.shards import Manifest, read_manifest
 from versavit.progress import per_name, progress_bar
@@ -48,10 +48,6 @@ def reports_dir(cfg: RunConfig, stage: str) -> Path:
     return path
 
 
-def synthetic_url(cfg: RunConfig) -> str:
-    return storage.join(cfg.workdir, "data", "synthetic")
-
-
 def _reusable(url: str, wanted: dict[str, Any]) -> Manifest | None:
     """A finished dataset written with the same settings (so a rerun does not redo it)."""
     try:
@@ -65,7 +61,7 @@ def _reusable(url: str, wanted: dict[str, Any]) -> Manifest | None:
 def run_data(cfg: RunConfig, tracker: Tracker, run: RunHandle, console: Console | None = None,
              workers: int | None = None) -> dict[str, Manifest]:
     """Stage `data`: render the synthetic world's train/val shards (or reuse identical ones)."""
-    root = synthetic_url(cfg)
+    root = synthetic_root(cfg.workdir)
     syn = cfg.data.synthetic
     manifests: dict[str, Manifest] = {}
     for split in ("train", "val"):

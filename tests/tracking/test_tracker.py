@@ -247,7 +247,7 @@ def test_server_down_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     elapsed = time.monotonic() - start
     assert elapsed < 20
     assert summary == {"runs": 2, "params": 2, "tags": 1, "metrics": 500, "datasets": 0,
-                       "artifacts": 1, "run_ends": 2}
+                       "artifacts": 1, "models": 0, "run_ends": 2}
     assert tracker.unlogged_summary() == summary
     records = _warnings(caplog)
     assert len(records) == 2
@@ -339,3 +339,20 @@ def test_helpers(tmp_path: Path) -> None:
     assert (tmp_path / "w").is_dir()
     assert _redact("https://alice:pw@mlflow.example:5000/x") == "https://***@mlflow.example:5000/x"
     assert flatten_config({"a": [{"b": None}], "c": ()}) == {"a.0.b": "None", "c": "()"}
+
+
+def test_register_model_versions(tmp_path: Path) -> None:
+    from versavit.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/reg.db"
+    tracker = Tracker(uri, "versavit-test")
+    run = tracker.start_pipeline_run("p")
+    tracker.register_model(run, "tiny-backbone", str(tmp_path / "export" / "backbone"))
+    tracker.register_model(run, "tiny-backbone", str(tmp_path / "export2" / "backbone"))
+    tracker.end_run(run)
+    assert not any(tracker.close().values())
+    from mlflow.tracking import MlflowClient
+
+    versions = MlflowClient(uri).search_model_versions("name='tiny-backbone'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert {v.run_id for v in versions} == {run.run_id}

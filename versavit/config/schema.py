@@ -191,6 +191,9 @@ class WarmupStageConfig(StageLength):
 
 class MultitaskStageConfig(StageLength):
     tasks: list[Task] = Field(default_factory=lambda: list(TASKS))
+    init_from: str | None = Field(
+        "auto", description="weights trained by an earlier stage: 'auto' = this run's warm-up if it exists, "
+        "a URL of a stage export, or null")
     loss_weights: LossWeights = LossWeights()
     optim: OptimConfig = OptimConfig()
     batch_size: dict[Task, int] = Field(default_factory=lambda: {"caption": 8, "depth": 32, "refseg": 32})
@@ -223,8 +226,10 @@ class MultitaskStageConfig(StageLength):
 
 class TrainConfig(Strict):
     precision: Literal["bf16", "fp32"] = "bf16"
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    zero_stage: Literal[0, 1, 2] = 2
     seed: int = 0
+    dist_timeout_s: int = Field(1800, ge=10, description="a collective waiting longer than this fails the run")
+    log_interval: int = Field(1, ge=1, description="optimiser steps between metric points")
     warmup: WarmupStageConfig = WarmupStageConfig()
     multitask: MultitaskStageConfig = MultitaskStageConfig()
 

@@ -120,6 +120,21 @@ def _seeded_shuffle(data: Iterable[dict], bufsize: int, seed: int) -> Iterator[d
     yield from _shuffle(data, bufsize=bufsize, initial=min(bufsize, 64), seed=hash((seed, rank, worker)))
 
 
+def _number_and_skip(data: Iterable[dict], skip: int | Callable[[int, int], int]) -> Iterator[dict]:
+    """Number raw samples in stream order and drop the first `skip` (resume), before decoding.
+
+    `skip` may depend on the DataLoader worker: a callable (worker, num_workers) -> samples.
+    Skipping raw samples costs only tar reading, so resuming deep into a stream stays cheap.
+    """
+    _, _, worker, num_workers = pytorch_worker_info()
+    n_skip = skip(worker, num_workers) if callable(skip) else skip
+    for ordinal, sample in enumerate(data):
+        if ordinal < n_skip:
+            continue
+        sample["__ordinal__"] = ordinal
+        yield sample
+
+
 def _decode_and_transform(data: Iterable[dict], required: tuple[str, ...], transform: Callable | None,
                           stats: CorruptionStats) -> Iterator[Any]:
     for raw in data:
@@ -152,12 +167,15 @@ def shard_pipeline(
     required: tuple[str, ...] = (),
     transform: Callable[[dict[str, Any]], Any] | None = None,
     split_by_node: bool = True,
+    skip: int | Callable[[int, int], int] = 0,
 ) -> wds.DataPipeline:
     """An IterableDataset over the samples of `urls` (shard URLs, see `resolve_shards`).
 
     resampled=True draws shards with replacement forever (deterministic per rank/worker/seed), so
     a small task dataset can feed as many steps as a large one; otherwise each rank (and each
-    DataLoader worker) reads its own slice of the shards once.
+    DataLoader worker) reads its own slice of the shards once. `skip` drops that many samples
+    (per worker, if a callable) from the start of the stream: the data position of a resumed run.
+    Each sample carries `__ordinal__`, its position in the stream, for deterministic augmentation.
     """
     stats = stats or CorruptionStats()
     handler = stats.handler
@@ -176,6 +194,7 @@ def shard_pipeline(
     ]
     if shuffle_buffer > 1:
         stages.append(functools.partial(_seeded_shuffle, bufsize=shuffle_buffer, seed=seed))
+    stages.append(functools.partial(_number_and_skip, skip=skip))
     stages.append(functools.partial(_decode_and_transform, required=required, transform=transform, stats=stats))
     if not resampled:
         stages.append(functools.partial(_check_at_end, stats=stats))

@@ -51,9 +51,9 @@ _PERMANENT_CODES = {
     "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
     "BAD_REQUEST", "INVALID_STATE",
 }
-_SUMMARY_KEYS = ("runs", "params", "tags", "metrics", "datasets", "artifacts", "run_ends")
+_SUMMARY_KEYS = ("runs", "params", "tags", "metrics", "datasets", "artifacts", "models", "run_ends")
 _OP_SUMMARY_KEY = {"create": "runs", "params": "params", "tags": "tags", "metrics": "metrics",
-                   "inputs": "datasets", "artifact": "artifacts", "end": "run_ends"}
+                   "inputs": "datasets", "artifact": "artifacts", "register": "models", "end": "run_ends"}
 
 
 def _redact(text: str) -> str:
@@ -287,6 +287,12 @@ class Tracker:
             return
         self._submit_locked(_Op("artifact", handle, (str(local_path), artifact_path)))
 
+    def register_model(self, handle: RunHandle, name: str, source: str) -> None:
+        """Register a new version of model `name` whose files are at `source` (a URL), from this run."""
+        if not self.enabled:
+            return
+        self._submit_locked(_Op("register", handle, (name, source)))
+
     def flush(self, force: bool = False) -> bool:
         """Send buffered metrics and queued operations; True if nothing is left pending."""
         if not self.enabled:
@@ -477,6 +483,14 @@ class Tracker:
                                                                      context)])])
         elif op.kind == "artifact":
             client.log_artifact(h.run_id, op.data[0], op.data[1])
+        elif op.kind == "register":
+            name, source = op.data
+            try:
+                client.create_registered_model(name)
+            except Exception as e:  # already registered: add a version to it
+                if str(getattr(e, "error_code", "")) != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            client.create_model_version(name, source=source, run_id=h.run_id)
         elif op.kind == "end":
             client.set_terminated(h.run_id, status=op.data[0], end_time=op.data[1])
 

@@ -1,0 +1,113 @@
+"""Local launcher: `torchrun --nproc_per_node N -m versavit.train.entry` on this machine.
+
+Each rank's output goes to its own log file (and rank 0's to the console). If a rank dies, the
+launcher raises one `LaunchError` naming the rank, how it ended, and the last lines of its log;
+torchrun stops the other ranks, so nothing hangs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from versavit import storage
+from versavit.config import RunConfig, config_to_dict
+
+
+class LaunchError(RuntimeError):
+    """A training stage failed; the message says which rank and why."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    if not path.is_file():
+        return "(no log)"
+    text = path.read_text(errors="replace").splitlines()
+    keep = [ln for ln in text if ln.strip() and "Warning" not in ln][-lines:]
+    return "\n".join("    " + ln for ln in keep) or "(empty log)"
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def failure_report(stage: str, log_dir: Path, torchrun_output: str) -> str:
+    """Which ranks failed, how, and the tail of each one's log."""
+    failed = re.findall(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*exitcode\s*:\s*(-?\d+)", torchrun_output)
+    if not failed:
+        return f"stage {stage!r} failed before any rank reported (torchrun output):\n" + \
+            "\n".join("    " + ln for ln in torchrun_output.strip().splitlines()[-15:])
+    parts = [f"stage {stage!r} failed:"]
+    for rank, code in dict(failed).items():
+        logs = sorted(log_dir.rglob(f"attempt_*/{rank}/stderr.log"))
+        where = logs[-1] if logs else "-"
+        parts.append(f"  rank {rank}: {_describe_exit(int(code))}; last lines of its log ({where}):")
+        parts.append(_tail(logs[-1]) if logs else "    (no log)")
+    return "\n".join(parts)
+
+
+def write_resolved_config(cfg: RunConfig, stage: str) -> Path:
+    """The exact config every rank loads (no credentials: the schema holds only env var names)."""
+    from versavit.pipeline import reports_dir
+
+    path = reports_dir(cfg, stage) / "config.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path
+
+
+def launch_local(cfg: RunConfig, stage: str, env: dict[str, str] | None = None,
+                 stream_output: bool = True) -> dict[str, Any]:
+    """Run `stage` under torchrun with `cfg.launch.nproc_per_node` processes; return its stage.json."""
+    from versavit.pipeline import reports_dir
+    from versavit.train.loop import stage_url
+
+    config_path = write_resolved_config(cfg, stage)
+    log_dir = reports_dir(cfg, stage) / "logs" / time.strftime("%Y%m%d-%H%M%S")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    nproc = cfg.launch.nproc_per_node
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--max-restarts", "0",
+           "--log-dir", str(log_dir), "--redirects", "3", "--tee", "0:3" if stream_output else "0",
+           "-m", "versavit.train.entry", "--stage", stage, "--config", str(config_path)]
+    run_env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": os.environ.get(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    captured: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        captured.append(line)
+        if stream_output and not _is_noise(line):
+            sys.stderr.write(line)
+    code = proc.wait()
+    if code != 0:
+        raise LaunchError(failure_report(stage, log_dir, "".join(captured[-400:])))
+    import json
+
+    return json.loads(storage.read_text(storage.join(stage_url(cfg, stage), "stage.json")))
+
+
+_NOISE = ("Warning", "warnings.warn", "[W", "*****", "Setting OMP_NUM_THREADS", "real_accelerator",
+          "torch.distributed.run", "deepspeed_shm_comm_op", "return func(")
+
+
+def _is_noise(line: str) -> bool:
+    return any(s in line for s in _NOISE)

@@ -1,0 +1,95 @@
+"""Checkpoints at any URL, committed atomically, and the state that makes resume exact.
+
+Every rank saves its DeepSpeed checkpoint files (model states on rank 0, each rank's ZeRO
+optimizer shard) plus its RNG states into a rank-local staging folder and uploads them to
+`<url>/<tag>/`. After a barrier, rank 0 writes `<url>/latest.json` last: a checkpoint exists only
+once that pointer names it, so a crash mid-save leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from versavit import storage
+
+LATEST = "latest.json"
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def latest(url: str) -> dict[str, Any] | None:
+    """The committed latest checkpoint's record ({"tag", "step", ...}) or None."""
+    pointer = storage.join(url, LATEST)
+    if not storage.exists(pointer):
+        return None
+    return json.loads(storage.read_text(pointer))
+
+
+def save(engine: Any, url: str, step: int, client_state: dict[str, Any], rank: int) -> str:
+    """Save and commit checkpoint `step-<step>` under `url` (collective: every rank calls it)."""
+    tag = f"step-{step:08d}"
+    staging = Path(tempfile.mkdtemp(prefix=f"versavit-ckpt-r{rank}-"))
+    try:
+        engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), staging / tag / f"rng_rank{rank}.pt")
+        for path in sorted((staging / tag).rglob("*")):
+            if path.is_file():
+                with storage.atomic_local_file(storage.join(url, tag, str(path.relative_to(staging / tag)))) as tmp:
+                    shutil.copyfile(path, tmp)
+        _barrier()  # every rank's files are in place before the pointer moves
+        if rank == 0:
+            storage.write_text(storage.join(url, LATEST), json.dumps({"tag": tag, "step": step}))
+        _barrier()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return tag
+
+
+def load(engine: Any, url: str, rank: int) -> dict[str, Any] | None:
+    """Load the latest committed checkpoint into `engine`; returns its client state (or None)."""
+    record = latest(url)
+    if record is None:
+        return None
+    tag = record["tag"]
+    staging = Path(tempfile.mkdtemp(prefix=f"versavit-load-r{rank}-"))
+    try:
+        fs, root = storage.get_fs(storage.join(url, tag))
+        for remote in fs.find(root):
+            rel = remote[len(root):].lstrip("/")
+            (staging / tag / rel).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(remote, str(staging / tag / rel))
+        _, client_state = engine.load_checkpoint(str(staging), tag=tag, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)
+        rng_file = staging / tag / f"rng_rank{rank}.pt"
+        if rng_file.exists():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if client_state is None:
+        raise RuntimeError(f"checkpoint {url}/{tag} could not be loaded by DeepSpeed")
+    return client_state

@@ -1,0 +1,38 @@
+"""torchrun entry point: `python -m versavit.train.entry --stage multitask --config resolved.yaml`.
+
+Every rank runs this; the same file is the command of a PyTorchJob's containers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import warnings
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from versavit.config import load_config
+from versavit.train.loop import STAGES, run_stage
+
+
+@record  # a failing rank leaves its traceback in torchrun's error file, so the launcher can show it
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stage", choices=STAGES, required=True)
+    ap.add_argument("--config", required=True, help="resolved run config (YAML)")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "alembic", "botocore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    cfg = load_config(args.config, args.overrides)
+    run_stage(cfg, args.stage)
+
+
+if __name__ == "__main__":
+    main()
