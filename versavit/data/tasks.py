@@ -44,14 +44,14 @@ def _image(sample: dict[str, Any]) -> np.ndarray:
 
 def image_tensor(rgb: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """[H, W, 3] uint8 -> [3, h, w] float in [0, 1], resized with antialiasing."""
-    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255)
+    t = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
     if tuple(t.shape[1:]) != tuple(size):
         t = F.interpolate(t[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
     return t.clamp_(0, 1)
 
 
 def _nearest(array: np.ndarray, size: int) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(array))
+    t = torch.from_numpy(np.array(array))
     if tuple(t.shape) == (size, size):
         return t
     dtype = t.dtype

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -168,9 +170,13 @@ def run_stage(cfg: RunConfig, stage: str) -> dict[str, Any]:
     if rank == 0 and start == 0:
         metrics_path.unlink(missing_ok=True)
     progress = _Progress(rank == 0, stage, plan.total_steps, start)
+    fault = _fault_injection(rank)
     last_saved = start
     try:
         for step in range(start, plan.total_steps):
+            if fault is not None and step == fault:
+                log.warning("fault injection: rank %d kills itself at step %d", rank, step)
+                os.kill(os.getpid(), signal.SIGKILL)
             t_step = time.perf_counter()
             wait = 0.0
             losses: dict[str, list[float]] = {t: [] for t in plan.tasks}
@@ -222,6 +228,15 @@ def run_stage(cfg: RunConfig, stage: str) -> dict[str, Any]:
         tracker.close()
         if rank == 0:
             log.info("%s: last committed checkpoint at step %d", stage, last_saved)
+
+
+def _fault_injection(rank: int) -> int | None:
+    """VERSAVIT_FAULT_INJECT="rank=R,step=S": rank R dies at step S (tests the launcher's failure report)."""
+    spec = os.environ.get("VERSAVIT_FAULT_INJECT")
+    if not spec:
+        return None
+    fields = dict(part.split("=", 1) for part in spec.split(","))
+    return int(fields["step"]) if int(fields["rank"]) == rank else None
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
