@@ -125,17 +125,152 @@ def train_multitask(config: Path = ConfigOpt, overrides: list[str] = OverridesAr
 
 @pipeline_app.command("run")
 def pipeline_run(
-    local: bool = typer.Option(False, "--local", help="run on this machine (the only mode so far)"),
+    local: bool = typer.Option(False, "--local", help="run on this machine with KFP's local runner"),
+    pipeline: str = typer.Option("versavit", "--pipeline", "-p", help="versavit | ablation (Table 4)"),
     config: Path = ConfigOpt,
     overrides: list[str] = OverridesArg,
 ) -> None:
-    """Run the workflow's stages in order with MLflow tracking (parent run + a run per stage)."""
+    """Run the whole workflow: data, labels, warm-up, multi-task training, evaluation (one MLflow parent run)."""
     from versavit.pipeline import run_local
 
     cfg = _load(config, overrides)
     if not local:
-        raise ConfigError("only --local runs exist so far; pass --local")
-    run_local(cfg, console=console)
+        raise ConfigError("`pipeline run` runs locally (--local); on a cluster use `versavit pipeline submit`")
+    if cfg.launch.backend != "local":
+        cfg = cfg.model_copy(update={"launch": cfg.launch.model_copy(update={"backend": "local"})})
+    run_local(cfg, pipeline, console=console)
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(
+    output: Path = typer.Option(Path("pipeline.yaml"), "--output", "-o", help="KFP IR YAML to write"),
+    pipeline: str = typer.Option("versavit", "--pipeline", "-p", help="versavit | ablation (Table 4)"),
+    config: Path = ConfigOpt,
+    overrides: list[str] = OverridesArg,
+) -> None:
+    """Compile the pipeline for a KFP server (KFP IR YAML); the config is embedded, credentials are not."""
+    from versavit.kfp_cluster import compile_pipeline
+
+    cfg = _load(config, overrides)
+    compile_pipeline(cfg, pipeline, str(output))
+    console.print(f"wrote {output} ({pipeline} pipeline, image {cfg.launch.image})")
+
+
+@pipeline_app.command("submit")
+def pipeline_submit(
+    host: str = typer.Option(..., "--host", help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80"),
+    pipeline: str = typer.Option("versavit", "--pipeline", "-p", help="versavit | ablation (Table 4)"),
+    experiment: str = typer.Option("versavit", "--experiment", help="KFP experiment name"),
+    namespace: str | None = typer.Option(None, "--namespace", help="KFP namespace (multi-user installs)"),
+    token_env: str = typer.Option("KFP_TOKEN", "--token-env", help="env variable holding a bearer token, if any"),
+    config: Path = ConfigOpt,
+    overrides: list[str] = OverridesArg,
+) -> None:
+    """Compile and submit to a KFP server; prints the run id and its URL."""
+    from versavit.kfp_cluster import submit_pipeline
+
+    cfg = _load(config, overrides)
+    run_id, url = submit_pipeline(cfg, pipeline, host=host, experiment=experiment, namespace=namespace,
+                                  token=os.environ.get(token_env))
+    console.print(f"submitted run {run_id}\n  {url}")
+
+
+# --------------------------------------------------------------------------------------------
+# label: stage 0, pseudo-labelling (versavit.labeling)
+
+label_app = typer.Typer(no_args_is_help=True, help="Pseudo-label shard datasets with teacher models (stage 0).")
+app.add_typer(label_app, name="label")
+
+LabelInputOpt = typer.Option(..., "--input", "-i", help="input dataset URL (folder with manifest.json)")
+LabelOutputOpt = typer.Option(..., "--output", "-o", help="output dataset URL (same shards, fields added)")
+ShardIndexOpt = typer.Option(0, "--shard-index", min=0, help="this worker's index (takes shards[i::n])")
+NumShardsOpt = typer.Option(1, "--num-shards", min=1, help="number of workers sharing the job")
+FinalizeOpt = typer.Option(False, "--finalize", help="only write the output manifest (all shards must be done)")
+
+
+def _label(kind: str, config: Path | None, input_url: str, output_url: str, shard_index: int, num_shards: int,
+           finalize: bool, overrides: list[str] | None) -> None:
+    """Run one worker's slice of a labelling job, tracked in MLflow, and print its counts."""
+    from rich.table import Table
+
+    from versavit.labeling import finalize_dataset, label_dataset
+
+    cfg = _load(config, overrides)
+    if shard_index >= num_shards:
+        raise typer.BadParameter(f"--shard-index {shard_index} must be < --num-shards {num_shards}")
+    if finalize:
+        manifest, missing = finalize_dataset(kind, input_url, output_url, cfg.labeling)
+        if manifest is None:
+            console.print(f"[red]not finalized[/red]: {len(missing)} shard(s) not done yet: {missing[:20]}")
+            raise typer.Exit(1)
+        console.print(f"{kind}: manifest written, {manifest.num_samples} samples in {len(manifest.shards)} shard(s)"
+                      f" at {output_url}")
+        return
+    tracker = run = None
+    if cfg.tracking.enabled:
+        from versavit.pipeline import make_tracker
+
+        tracker = make_tracker(cfg)
+        run = tracker.start_stage_run(f"label_{kind}", tracker.parent_from_env(),
+                                      tags={"versavit.shard_index": str(shard_index),
+                                            "versavit.num_shards": str(num_shards)})
+    status = "FAILED"
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task(f"label {kind}", total=None)
+
+            def report(name: str, done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            summary = label_dataset(kind, input_url, output_url, cfg.labeling, shard_index, num_shards,
+                                    progress=report, tracker=tracker, run=run,
+                                    max_corrupt_fraction=cfg.data.max_corrupt_fraction)
+        status = "FINISHED"
+    finally:
+        if tracker is not None and run is not None:
+            tracker.end_run(run, status)
+            tracker.close()
+    table = Table(title=f"label {kind}: worker {shard_index}/{num_shards}", show_header=False)
+    for key in ("shards_total", "shards_mine", "shards_already_done"):
+        table.add_row(key, str(summary[key]))
+    table.add_row("shards_processed", str(len(summary["shards_processed"])))
+    for key, value in summary["counts"].items():
+        table.add_row(key, str(value))
+    table.add_row("images/s", f"{summary['images_per_s']:.2f}")
+    table.add_row("manifest", summary["manifest"] or f"not yet ({len(summary['shards_missing'])} shard(s) missing)")
+    console.print(table)
+
+
+@label_app.command("depth")
+def label_depth(config: Path = ConfigOpt, input_url: str = LabelInputOpt, output_url: str = LabelOutputOpt,
+                shard_index: int = ShardIndexOpt, num_shards: int = NumShardsOpt, finalize: bool = FinalizeOpt,
+                overrides: list[str] = OverridesArg) -> None:
+    """Depth-Anything disparity maps (depth.png + json depth {scale, kind: disparity})."""
+    _label("depth", config, input_url, output_url, shard_index, num_shards, finalize, overrides)
+
+
+@label_app.command("masks")
+def label_masks(config: Path = ConfigOpt, input_url: str = LabelInputOpt, output_url: str = LabelOutputOpt,
+                shard_index: int = ShardIndexOpt, num_shards: int = NumShardsOpt, finalize: bool = FinalizeOpt,
+                overrides: list[str] = OverridesArg) -> None:
+    """SAM masks from the objects' boxes (RLE in json objects, inst.png / mask.png)."""
+    _label("masks", config, input_url, output_url, shard_index, num_shards, finalize, overrides)
+
+
+@label_app.command("describe")
+def label_describe(config: Path = ConfigOpt, input_url: str = LabelInputOpt, output_url: str = LabelOutputOpt,
+                   shard_index: int = ShardIndexOpt, num_shards: int = NumShardsOpt, finalize: bool = FinalizeOpt,
+                   overrides: list[str] = OverridesArg) -> None:
+    """Referring expressions for objects (describer model, or the class label)."""
+    _label("describe", config, input_url, output_url, shard_index, num_shards, finalize, overrides)
+
+
+@label_app.command("embed")
+def label_embed(config: Path = ConfigOpt, input_url: str = LabelInputOpt, output_url: str = LabelOutputOpt,
+                shard_index: int = ShardIndexOpt, num_shards: int = NumShardsOpt, finalize: bool = FinalizeOpt,
+                overrides: list[str] = OverridesArg) -> None:
+    """Text embeddings of every referring expression (emb.npy, row i = objects[i])."""
+    _label("embed", config, input_url, output_url, shard_index, num_shards, finalize, overrides)
 
 
 def main() -> None:

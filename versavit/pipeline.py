@@ -1,29 +1,25 @@
-"""The stages of a run, in order, on this machine, tracked in MLflow.
+"""Running pipelines on this machine, and the data stages' library functions.
 
-`versavit pipeline run --local` calls `run_local`: one MLflow parent run, a nested run per stage.
-Stages meet at URLs and manifests: `data` writes shard datasets under `<workdir>/data/`, the next
-stage reads them by URL. Stages that are not built yet are not listed; the KFP local runner will
-take over the ordering once the pipeline definitions exist.
+`versavit pipeline run --local` calls `run_local`: the KFP pipeline (pipelines/) under KFP's local
+runner, one MLflow parent run with a nested run per stage. Stages meet at URLs and manifests.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from versavit import storage
-from versavit.config import RunConfig, config_hash, config_to_dict
+from versavit.config import RunConfig
 from versavit.data.build import build_synthetic, synthetic_root
 from versavit.data.inspect import inspect_dataset
 from versavit.data.shards import Manifest, read_manifest
 from versavit.progress import per_name, progress_bar
-from versavit.tracking import RunHandle, Tracker, default_tracking_uri, lineage_tags
+from versavit.tracking import RunHandle, Tracker, default_tracking_uri
 
 
 def tracking_uri(cfg: RunConfig) -> str:
@@ -119,43 +115,40 @@ def run_data_check(cfg: RunConfig, tracker: Tracker, run: RunHandle, manifests: 
     return results
 
 
-def run_local(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
-    """Run every stage that exists, in order, as one tracked pipeline run."""
+def run_local(cfg: RunConfig, pipeline: str = "versavit", console: Console | None = None) -> dict[str, Any]:
+    """Run a KFP pipeline on this machine with KFP's local runner (subprocesses, this Python).
+
+    Training stages become local torchrun launches; MLflow is the config's URI (a SQLite file in
+    the workdir by default). Prints the comparison table and how to open the MLflow UI.
+    """
+    import logging
+
+    from kfp import local
+
+    from pipelines import PIPELINES
+
     console = console or Console(stderr=True)
+    if pipeline not in PIPELINES:
+        raise ValueError(f"unknown pipeline {pipeline!r}; expected one of {sorted(PIPELINES)}")
+    if storage.is_remote(cfg.workdir):
+        raise ValueError("a local pipeline run needs a local workdir (KFP's local runner cannot use s3:// as its "
+                         "pipeline root); use `versavit pipeline submit` for s3:// workdirs")
     storage.configure(cfg.storage)
-    storage.ensure_bucket(cfg.workdir)
-    tracker = make_tracker(cfg)
+    workdir = Path(cfg.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.model_copy(update={"workdir": str(workdir)})  # components run with their own cwd
     started = time.perf_counter()
-    lineage = lineage_tags(config_hash(cfg), kfp_run_id=os.environ.get("KFP_RUN_ID"))
-    parent = tracker.start_pipeline_run(cfg.name, tags={**lineage,
-                                                         "versavit.workdir": cfg.workdir})
-    tracker.log_config(parent, config_to_dict(cfg))
-    status = "FAILED"
-    try:
-        with tracker.stage("data", parent) as data_run:
-            manifests = run_data(cfg, tracker, data_run, console)
-        data_id = tracker.run_id(data_run) or ""
-        with tracker.stage("data_check", parent, tags={"versavit.upstream.data": data_id}) as check_run:
-            checks = run_data_check(cfg, tracker, check_run, manifests)
-        status = "FINISHED"
-    finally:
-        tracker.end_run(parent, status)
-        parent_id = tracker.run_id(parent)
-        unlogged = tracker.close()
-    table = Table(title=f"versavit pipeline: {cfg.name} ({time.perf_counter() - started:.0f} s)")
-    for col in ("split", "samples", "shards", "skipped", "samples/s", "objects/image (n:count)", "depth (m)"):
-        table.add_column(col)
-    for split, r in checks.items():
-        table.add_row(split, str(r["num_samples"]), str(r["num_shards"]), str(r["skipped"]),
-                      f"{r['samples_per_s']:.0f}",
-                      " ".join(f"{k}:{v}" for k, v in r["objects_per_image"].items()),
-                      f"{r['depth_range'][0]:.2f}-{r['depth_range'][1]:.2f}")
+    logging.getLogger("kfp").setLevel(logging.WARNING)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp-local"),
+               raise_on_error=True)
+    PIPELINES[pipeline](cfg)()
+    elapsed = time.perf_counter() - started
+    report = workdir / "reports" / "eval" / "comparison.md"
+    if report.is_file():
+        console.print(report.read_text())
     uri = tracking_uri(cfg)
-    console.print(table)
-    shown_id = parent_id or "(not created: tracking server unreachable)"
-    console.print(f"MLflow: parent run {shown_id} in experiment {cfg.tracking.experiment!r} at {uri}")
+    console.print(f"pipeline {pipeline!r} finished in {elapsed / 60:.1f} min; MLflow runs in experiment "
+                  f"{cfg.tracking.experiment!r} at {uri}")
     if uri.startswith("sqlite:"):
-        console.print(f"  open the UI: versavit ui --config <this config>  (or: mlflow ui --backend-store-uri {uri})")
-    if any(unlogged.values()):
-        console.print(f"[yellow]tracking: not logged: {unlogged}[/yellow]")
-    return {"parent_run_id": parent_id, "manifests": manifests, "checks": checks, "unlogged": unlogged}
+        console.print(f"  open the UI: versavit ui workdir={workdir}  (or: mlflow ui --backend-store-uri {uri})")
+    return {"elapsed_s": elapsed, "report": str(report) if report.is_file() else None}

@@ -7,6 +7,7 @@ from versavit.config.loader import (
     config_to_dict,
     dump_yaml,
     load_config,
+    load_config_text,
 )
 from versavit.config.schema import TASKS, RunConfig
 
@@ -19,4 +20,5 @@ __all__ = [
     "config_to_dict",
     "dump_yaml",
     "load_config",
+    "load_config_text",
 ]

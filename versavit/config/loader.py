@@ -93,6 +93,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_format_validation_error(exc, source)) from None
 
 
+def load_config_text(text: str, overrides: list[str] | None = None) -> RunConfig:
+    """A config from YAML text (how KFP components receive the resolved config)."""
+    data = yaml.safe_load(text) or {}
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, "config text")) from None
+
+
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 

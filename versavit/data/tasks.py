@@ -22,8 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from versavit import storage
 from versavit.config.schema import RunConfig
-from versavit.data.build import synthetic_root
+from versavit.data.build import labelled_root, synthetic_root
 from versavit.data.loader import CorruptionStats, make_loader, shard_pipeline
 from versavit.data.shards import resolve_shards
 
@@ -133,6 +134,10 @@ def _worker_skip(worker: int, num_workers: int, batches_done: int, batch_size: i
 
 def task_urls(cfg: RunConfig, task: str, split: str = "train") -> list[str]:
     if cfg.data.source == "synthetic":
+        # the labelled world (with text embeddings) once the labelling stage has written it
+        labelled = f"{labelled_root(cfg.workdir)}/{split}"
+        if storage.exists(f"{labelled}/manifest.json"):
+            return [labelled]
         return [f"{synthetic_root(cfg.workdir)}/{split}"]
     source = cfg.data.tasks.get(task)
     urls = (source.urls if split == "train" else source.val_urls) if source else []

@@ -65,29 +65,30 @@ def failure_report(stage: str, log_dir: Path, torchrun_output: str) -> str:
     return "\n".join(parts)
 
 
-def write_resolved_config(cfg: RunConfig, stage: str) -> Path:
+def write_resolved_config(cfg: RunConfig, stage: str, variant: str = "") -> Path:
     """The exact config every rank loads (no credentials: the schema holds only env var names)."""
     from versavit.pipeline import reports_dir
 
-    path = reports_dir(cfg, stage) / "config.yaml"
+    path = reports_dir(cfg, f"{stage}-{variant}" if variant else stage) / "config.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return path
 
 
 def launch_local(cfg: RunConfig, stage: str, env: dict[str, str] | None = None,
-                 stream_output: bool = True) -> dict[str, Any]:
+                 stream_output: bool = True, variant: str = "") -> dict[str, Any]:
     """Run `stage` under torchrun with `cfg.launch.nproc_per_node` processes; return its stage.json."""
     from versavit.pipeline import reports_dir
     from versavit.train.loop import stage_url
 
-    config_path = write_resolved_config(cfg, stage)
-    log_dir = reports_dir(cfg, stage) / "logs" / time.strftime("%Y%m%d-%H%M%S")
+    name = f"{stage}-{variant}" if variant else stage
+    config_path = write_resolved_config(cfg, stage, variant)
+    log_dir = reports_dir(cfg, name) / "logs" / time.strftime("%Y%m%d-%H%M%S")
     log_dir.mkdir(parents=True, exist_ok=True)
     nproc = cfg.launch.nproc_per_node
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--max-restarts", "0",
            "--log-dir", str(log_dir), "--redirects", "3", "--tee", "0:3" if stream_output else "0",
-           "-m", "versavit.train.entry", "--stage", stage, "--config", str(config_path)]
+           "-m", "versavit.train.entry", "--stage", stage, "--config", str(config_path), "--variant", variant]
     run_env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": os.environ.get(
         "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -99,10 +100,10 @@ def launch_local(cfg: RunConfig, stage: str, env: dict[str, str] | None = None,
             sys.stderr.write(line)
     code = proc.wait()
     if code != 0:
-        raise LaunchError(failure_report(stage, log_dir, "".join(captured[-400:])))
+        raise LaunchError(failure_report(name, log_dir, "".join(captured[-400:])))
     import json
 
-    return json.loads(storage.read_text(storage.join(stage_url(cfg, stage), "stage.json")))
+    return json.loads(storage.read_text(storage.join(stage_url(cfg, stage, variant), "stage.json")))
 
 
 _NOISE = ("Warning", "warnings.warn", "[W", "*****", "Setting OMP_NUM_THREADS", "real_accelerator",

@@ -109,3 +109,32 @@ class VersaViT(nn.Module):
                 (root / name).mkdir(exist_ok=True)
                 torch.save(head.state_dict(), root / name / "head.pt")
         (root / "versavit.json").write_text(json.dumps({"heads": list(self.heads), "depth_layers": self.depth_layers}))
+
+    @classmethod
+    def from_export(cls, path: str, cfg: ModelConfig, heads: list[str] | None = None,
+                    dtype: torch.dtype = torch.float32) -> VersaViT:
+        """Load what `save_pretrained` wrote (a local folder): the backbone and the requested heads.
+
+        Head sizes come from `cfg` (the run's model config); the export records which heads exist.
+        """
+        root = Path(path)
+        meta_path = root / "versavit.json"
+        if not meta_path.is_file():
+            raise ValueError(f"{path} is not a versavit export (no versavit.json); point at <stage>/export")
+        meta = json.loads(meta_path.read_text())
+        wanted = meta["heads"] if heads is None else heads
+        missing = [h for h in wanted if h not in meta["heads"]]
+        if missing:
+            raise ValueError(f"export {path} has no {missing} head(s); it has {meta['heads']}")
+        backbone = VisionBackbone.from_pretrained(str(root / "backbone"), dtype=dtype)
+        layers = meta["depth_layers"]
+        built: dict[str, nn.Module] = {}
+        for name in wanted:
+            if name == "caption":
+                built[name] = CaptionHead.from_pretrained(str(root / "caption"))
+                continue
+            head = DepthHead(cfg.heads.depth, embed_dim=backbone.embed_dim, num_layers=len(layers)) \
+                if name == "depth" else RefSegHead(cfg.heads.refseg, embed_dim=backbone.embed_dim)
+            head.load_state_dict(torch.load(root / name / "head.pt", map_location="cpu", weights_only=True))
+            built[name] = head.to(dtype)
+        return cls(backbone, built, layers)

@@ -209,6 +209,19 @@ class Tracker:
         run_id = os.environ.get(PARENT_RUN_ENV)
         return self.attach_run(run_id) if run_id else None
 
+    def find_run_id(self, tags: Mapping[str, str]) -> str | None:
+        """Id of the newest run of this experiment carrying all `tags` (None if none, or unreachable)."""
+        if not self.enabled:
+            return None
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        try:
+            runs = self._get_client().search_runs([self._get_experiment_id()], filter_string=query,
+                                                  order_by=["attributes.start_time DESC"], max_results=1)
+        except Exception as e:  # the tracking server being down must not fail the caller
+            self._on_failure(e)
+            return None
+        return runs[0].info.run_id if runs else None
+
     def run_id(self, handle: RunHandle) -> str | None:
         """Real MLflow id of ``handle`` (tries pending sends first); None if not created yet."""
         if self.enabled and handle.run_id is None:

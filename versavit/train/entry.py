@@ -21,6 +21,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stage", choices=STAGES, required=True)
     ap.add_argument("--config", required=True, help="resolved run config (YAML)")
+    ap.add_argument("--variant", default="", help="output folder suffix: stages/<stage>-<variant>")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     rank = int(os.environ.get("RANK", 0))
@@ -31,7 +32,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     cfg = load_config(args.config, args.overrides)
-    run_stage(cfg, args.stage)
+    run_stage(cfg, args.stage, args.variant)
 
 
 if __name__ == "__main__":

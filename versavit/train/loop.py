@@ -58,8 +58,9 @@ class StagePlan:
         return storage.join(self.url, "export")
 
 
-def stage_url(cfg: RunConfig, stage: str) -> str:
-    return storage.join(cfg.workdir, "stages", stage)
+def stage_url(cfg: RunConfig, stage: str, variant: str = "") -> str:
+    """`<workdir>/stages/<stage>[-<variant>]`: variants (ablation branches) share data and warm-up."""
+    return storage.join(cfg.workdir, "stages", f"{stage}-{variant}" if variant else stage)
 
 
 def _dataset_size(urls: list[str]) -> int | None:
@@ -69,7 +70,7 @@ def _dataset_size(urls: list[str]) -> int | None:
         return None  # shard URLs without a manifest: the length must come from max_steps
 
 
-def plan_stage(cfg: RunConfig, stage: str, world: int = 1) -> StagePlan:
+def plan_stage(cfg: RunConfig, stage: str, world: int = 1, variant: str = "") -> StagePlan:
     """Tasks, batch sizes, step count and learning rates of `stage`, from the config alone."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
@@ -93,7 +94,7 @@ def plan_stage(cfg: RunConfig, stage: str, world: int = 1) -> StagePlan:
         per_step = {t: batch[t] * world * micro.count(t) for t in tasks}
         steps = max(1, math.ceil(length.epochs * max(sizes[t] / per_step[t] for t in tasks)))
     return StagePlan(stage, tasks, micro, batch, steps, length.checkpoint_interval, weights,
-                     stage_url(cfg, stage), lrs)
+                     stage_url(cfg, stage, variant), lrs)
 
 
 def _init_weights_from(model: VersaViT, url: str) -> int:
@@ -126,14 +127,15 @@ def _mean_over_ranks(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def run_stage(cfg: RunConfig, stage: str) -> dict[str, Any]:
+def run_stage(cfg: RunConfig, stage: str, variant: str = "") -> dict[str, Any]:
     """Train `stage` to its end (resuming from the latest checkpoint if any); every rank calls this."""
     from versavit.pipeline import make_tracker  # tracking set-up shared with the other stages
 
     storage.configure(cfg.storage)
     device = init_distributed(cfg.train)
     rank, world, _ = dist_env()
-    plan = plan_stage(cfg, stage, world)
+    plan = plan_stage(cfg, stage, world, variant)
+    run_name = f"{stage}-{variant}" if variant else stage
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     torch.manual_seed(cfg.train.seed)  # same init on every rank (DeepSpeed also broadcasts rank 0's)
 
@@ -162,14 +164,14 @@ def run_stage(cfg: RunConfig, stage: str) -> dict[str, Any]:
 
     tracker = make_tracker(cfg, rank)
     parent = tracker.parent_from_env()
-    run = tracker.start_stage_run(stage, parent, tags={"versavit.config_hash": config_hash(cfg),
+    run = tracker.start_stage_run(run_name, parent, tags={"versavit.config_hash": config_hash(cfg),
                                                        "versavit.resumed_from_step": str(start)})
     if start == 0:
         tracker.log_config(run, config_to_dict(cfg))
-    metrics_path = _metrics_path(cfg, stage)
+    metrics_path = _metrics_path(cfg, run_name)
     if rank == 0 and start == 0:
         metrics_path.unlink(missing_ok=True)
-    progress = _Progress(rank == 0, stage, plan.total_steps, start)
+    progress = _Progress(rank == 0, run_name, plan.total_steps, start)
     fault = _fault_injection(rank)
     last_saved = start
     try:
@@ -227,7 +229,7 @@ def run_stage(cfg: RunConfig, stage: str) -> dict[str, Any]:
         progress.close()
         tracker.close()
         if rank == 0:
-            log.info("%s: last committed checkpoint at step %d", stage, last_saved)
+            log.info("%s: last committed checkpoint at step %d", run_name, last_saved)
 
 
 def _fault_injection(rank: int) -> int | None:
@@ -271,12 +273,14 @@ def _finish(cfg: RunConfig, plan: StagePlan, engine: Any, model: VersaViT, rank:
                     with storage.atomic_local_file(storage.join(plan.export, str(path.relative_to(tmp)))) as dst:
                         Path(dst).write_bytes(path.read_bytes())
         run_id = tracker.run_id(run)
-        result = {"stage": plan.stage, "export_url": plan.export, "checkpoint_url": plan.checkpoints,
+        result = {"stage": plan.stage, "variant": plan.url.rsplit("/", 1)[-1], "export_url": plan.export,
+                  "config_hash": config_hash(cfg), "checkpoint_url": plan.checkpoints,
                   "steps": plan.total_steps, "tasks": plan.tasks, "init_from": init_from,
                   "mlflow_run_id": run_id, "plan": asdict(plan)}
         storage.write_text(storage.join(plan.url, "stage.json"), json.dumps(result, indent=1, default=str))
         tracker.set_tags(run, {"versavit.export_url": plan.export})
-        tracker.register_model(run, f"{cfg.name}-{plan.stage}-backbone", storage.join(plan.export, "backbone"))
+        tracker.register_model(run, f"{cfg.name}-{plan.url.rsplit('/', 1)[-1]}-backbone",
+                               storage.join(plan.export, "backbone"))
     if dist.is_initialized():
         dist.barrier()
     return result

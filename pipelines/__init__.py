@@ -1,0 +1,131 @@
+"""KFP v2 pipeline definitions: the VersaViT run and the paper's Table 4 ablation.
+
+Both are built from a resolved `RunConfig` (`make_*_pipeline(cfg)`): the config travels as a YAML
+string parameter, so the compiled pipeline is self-contained and holds no credential values
+(secrets reach the pods as env variables by secret name, through kfp-kubernetes).
+"""
+
+
+from collections.abc import Callable
+
+import yaml
+from kfp import dsl
+
+from versavit.config import RunConfig, config_to_dict, load_config_text
+
+RETRIES = 2  # stages that can fail transiently (storage, scheduling, preemption): retried with back-off
+ABLATION = {  # Table 4 of the paper: task subsets of the multi-task stage
+    "caption": ["caption"],
+    "caption-depth": ["caption", "depth"],
+    "all": ["caption", "depth", "refseg"],
+}
+
+
+def config_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def _with_overrides(text: str, overrides: list[str]) -> str:
+    return config_yaml(load_config_text(text, overrides))
+
+
+def _cluster_settings(task: dsl.PipelineTask, cfg: RunConfig, gpus: bool = False) -> dsl.PipelineTask:
+    """Secrets as env, /dev/shm, scheduling and GPUs for the cluster (ignored by the local runner)."""
+    from kfp import kubernetes
+
+    by_secret: dict[str, dict[str, str]] = {}
+    for env, ref in cfg.launch.secret_env.items():
+        secret, key = ref.split("/", 1)
+        by_secret.setdefault(secret, {})[key] = env
+    for secret, mapping in by_secret.items():
+        kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=mapping)
+    if gpus and cfg.launch.resources.gpus_per_node:
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                   size_limit=cfg.launch.resources.shm_size)
+        task.set_accelerator_type(cfg.launch.resources.gpu_resource_name)
+        task.set_accelerator_limit(str(cfg.launch.resources.gpus_per_node))
+        for key, value in cfg.launch.node_selector.items():
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+        for tol in cfg.launch.tolerations:
+            kubernetes.add_toleration(task, key=tol.get("key"), operator=tol.get("operator", "Equal"),
+                                      value=tol.get("value"), effect=tol.get("effect"))
+    return task
+
+
+def make_pipeline(cfg: RunConfig) -> Callable:
+    """data -> data_check -> label -> warm-up -> multi-task -> evaluation, under one MLflow parent run."""
+    import components as c
+
+    default = config_yaml(cfg)
+    synthetic = cfg.data.source == "synthetic"
+
+    @dsl.pipeline(name="versavit", description="VersaViT: multi-task post-training of an MLLM's vision encoder")
+    def versavit(config_yaml: str = default):
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        # the exit task may not depend on other tasks: it finds the parent run by the KFP run id
+        closer = _cluster_settings(c.close_run(config_yaml=config_yaml, kfp_run_id=run_id), cfg)
+        with dsl.ExitHandler(closer, name="track-run"):
+            opened = c.open_run(config_yaml=config_yaml, kfp_run_id=run_id).set_caching_options(False)
+            parent = _cluster_settings(opened, cfg).output
+            upstream = ""
+            if synthetic:
+                data = _cluster_settings(c.data(config_yaml=config_yaml, parent_run_id=parent,
+                                                kfp_run_id=run_id), cfg)
+                _cluster_settings(c.data_check(config_yaml=config_yaml, dataset_url=data.output,
+                                               parent_run_id=parent, kfp_run_id=run_id), cfg)
+                labelled = c.label(config_yaml=config_yaml, dataset_url=data.output, parent_run_id=parent,
+                                   kfp_run_id=run_id).set_retry(RETRIES)
+                upstream = _cluster_settings(labelled, cfg, gpus=True).output
+            warm = c.train(config_yaml=config_yaml, stage="warmup", variant="", upstream=upstream,
+                           parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES)
+            _cluster_settings(warm, cfg)
+            multi = c.train(config_yaml=config_yaml, stage="multitask", variant="", upstream=warm.output,
+                            parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES)
+            _cluster_settings(multi, cfg)
+            ev = c.evaluate(config_yaml=config_yaml, parent_run_id=parent, kfp_run_id=run_id,
+                            manifest_1=multi.output)
+            _cluster_settings(ev, cfg, gpus=True)
+
+    return versavit
+
+
+def make_ablation_pipeline(cfg: RunConfig) -> Callable:
+    """Table 4: caption-only vs. caption+depth vs. all three tasks, as parallel branches that share the
+    labelled data and the warm-up checkpoint; one evaluation compares the three backbones."""
+    import components as c
+
+    default = config_yaml(cfg)
+    branches = {name: _with_overrides(default, [f"train.multitask.tasks=[{', '.join(tasks)}]"])
+                for name, tasks in ABLATION.items()}
+    synthetic = cfg.data.source == "synthetic"
+
+    @dsl.pipeline(name="versavit-ablation-tasks", description="VersaViT Table 4: task subsets of the multi-task stage")
+    def ablation(config_yaml: str = default):
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        closer = _cluster_settings(c.close_run(config_yaml=config_yaml, kfp_run_id=run_id), cfg)
+        with dsl.ExitHandler(closer, name="track-run"):
+            opened = c.open_run(config_yaml=config_yaml, kfp_run_id=run_id).set_caching_options(False)
+            parent = _cluster_settings(opened, cfg).output
+            upstream = ""
+            if synthetic:
+                data = _cluster_settings(c.data(config_yaml=config_yaml, parent_run_id=parent, kfp_run_id=run_id),
+                                         cfg)
+                labelled = c.label(config_yaml=config_yaml, dataset_url=data.output, parent_run_id=parent,
+                                   kfp_run_id=run_id).set_retry(RETRIES)
+                upstream = _cluster_settings(labelled, cfg, gpus=True).output
+            warm = _cluster_settings(c.train(config_yaml=config_yaml, stage="warmup", variant="", upstream=upstream,
+                                             parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES), cfg)
+            outs = []
+            for name, branch_yaml in branches.items():
+                t = c.train(config_yaml=branch_yaml, stage="multitask", variant=name, upstream=warm.output,
+                            parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES)
+                t.set_display_name(f"multitask-{name}")
+                outs.append(_cluster_settings(t, cfg).output)
+            ev = c.evaluate(config_yaml=config_yaml, parent_run_id=parent, kfp_run_id=run_id,
+                            manifest_1=outs[0], manifest_2=outs[1], manifest_3=outs[2])
+            _cluster_settings(ev, cfg, gpus=True)
+
+    return ablation
+
+
+PIPELINES = {"versavit": make_pipeline, "ablation": make_ablation_pipeline}

@@ -1,0 +1,95 @@
+"""Depth head: a DPT head (reassemble, fuse, upsample) on several backbone layers -> dense map at input size.
+
+Reuses transformers' Depth-Anything neck and head (`DepthAnythingNeck`, `DepthAnythingDepthEstimationHead`).
+They take any number of maps (one reassemble layer and one fusion block per map), so the paper's three layers
+go in as three maps; the channel/resampling pattern is Depth-Anything-V2-Large's ([f, 2f, 4f, 4f] channels at
+x4, x2, x1, x0.5 of the patch grid) cut to the number of layers. With three layers the coarse x0.5 level is the
+one dropped: the fine levels carry the detail a dense map needs, and the deepest layer still enters at x1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import DepthAnythingConfig
+from transformers.models.depth_anything.modeling_depth_anything import (
+    DepthAnythingDepthEstimationHead,
+    DepthAnythingNeck,
+)
+
+from versavit.config.schema import DepthHeadConfig
+
+PATCH_SIZE = 14
+_CHANNEL_MULTIPLIERS = (1, 2, 4, 4)  # Depth-Anything-V2-L: [256, 512, 1024, 1024] for features 256
+_FACTORS = (4, 2, 1, 0.5)
+
+
+def depth_layers(cfg: DepthHeadConfig, backbone_depth: int, num: int = 3) -> list[int]:
+    """0-based indices of the backbone blocks that feed the head: cfg.layers, or `num` uniformly spaced
+    blocks ending at the last one (32 blocks -> [10, 20, 31])."""
+    layers = cfg.layers
+    if layers is None:
+        layers = [round((k + 1) * backbone_depth / num) - 1 for k in range(num)]
+        layers = sorted({max(i, 0) for i in layers})
+    bad = [i for i in layers if not 0 <= i < backbone_depth]
+    if bad:
+        raise ValueError(f"depth head layers {bad} out of range for a backbone of {backbone_depth} blocks")
+    if not 1 <= len(layers) <= len(_FACTORS):
+        raise ValueError(f"depth head takes 1 to {len(_FACTORS)} layers, got {len(layers)}")
+    return list(layers)
+
+
+def depth_anything_config(cfg: DepthHeadConfig, embed_dim: int, num_layers: int) -> DepthAnythingConfig:
+    """The DepthAnythingConfig of the neck and head for `num_layers` maps of `embed_dim` channels."""
+    if not 1 <= num_layers <= len(_FACTORS):
+        raise ValueError(f"depth head takes 1 to {len(_FACTORS)} layers, got {num_layers}")
+    f = cfg.features
+    return DepthAnythingConfig(
+        reassemble_hidden_size=embed_dim,
+        neck_hidden_sizes=[m * f for m in _CHANNEL_MULTIPLIERS[:num_layers]],
+        reassemble_factors=list(_FACTORS[:num_layers]),
+        fusion_hidden_size=f,
+        head_hidden_size=32,
+        head_in_index=-1,
+        patch_size=PATCH_SIZE,
+        depth_estimation_type="relative",
+        max_depth=1,
+    )
+
+
+class DepthHead(nn.Module):
+    """DPT head: `forward(features, out_size)` maps per-layer [B, D, h, w] maps to a non-negative [B, H, W]
+    relative depth or disparity map (cfg.target; the loss is scale-and-shift invariant either way)."""
+
+    def __init__(self, cfg: DepthHeadConfig, embed_dim: int, num_layers: int) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+        self.target = cfg.target
+        self.config = depth_anything_config(cfg, embed_dim, num_layers)
+        self.neck = DepthAnythingNeck(self.config)
+        self.head = DepthAnythingDepthEstimationHead(self.config)
+        # Softplus instead of Depth-Anything's final ReLU: still non-negative, but no pixel starts with a
+        # dead gradient, which matters when the head is trained from scratch for few steps.
+        self.head.activation2 = nn.Softplus()
+        # The deepest fusion block gets no residual input, so its first residual unit is never run (as in DPT
+        # and Depth-Anything); dropping it keeps every parameter trainable (2*9*f^2 weights).
+        self.neck.fusion_stage.layers[0].residual_layer1 = nn.Identity()
+
+    def forward(self, features: list[Tensor], out_size: tuple[int, int]) -> Tensor:
+        """features: `num_layers` maps [B, D, h, w] (shallow to deep); returns [B, H, W] at `out_size`."""
+        if len(features) != self.num_layers:
+            raise ValueError(f"depth head expects {self.num_layers} feature maps, got {len(features)}")
+        batch, _, h, w = features[0].shape
+        tokens = []
+        for fmap in features:
+            if fmap.shape[2:] != (h, w):
+                raise ValueError(f"feature maps differ in size: {tuple(fmap.shape[2:])} vs {(h, w)}")
+            seq = fmap.flatten(2).transpose(1, 2)  # [B, h*w, D]
+            # The neck drops token 0 (a ViT's CLS token); a zero token stands in for it.
+            tokens.append(torch.cat([seq.new_zeros(batch, 1, seq.shape[-1]), seq], dim=1))
+        fused = self.neck(tokens, patch_height=h, patch_width=w)
+        depth = self.head(fused, patch_height=h, patch_width=w)  # [B, 14h, 14w]
+        if tuple(depth.shape[-2:]) != tuple(out_size):
+            depth = nn.functional.interpolate(depth.unsqueeze(1), size=tuple(out_size), mode="bilinear",
+                                              align_corners=False).squeeze(1)
+        return depth
