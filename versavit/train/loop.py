@@ -127,45 +127,104 @@ def _mean_over_ranks(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+@dataclass
+class Trainer:
+    """Everything one stage's loop needs; `setup` builds it, `step` runs one optimiser step."""
+
+    cfg: RunConfig
+    plan: StagePlan
+    engine: Any
+    optimizer: torch.optim.Optimizer
+    streams: dict[str, Any]
+    batches_done: dict[str, int]
+    device: torch.device
+    rank: int
+    world: int
+    start: int
+    init_from: str | None
+
+    @classmethod
+    def setup(cls, cfg: RunConfig, stage: str, variant: str = "", resume: bool = True) -> Trainer:
+        """Process group, model (+ weights of an earlier stage), DeepSpeed engine, resumed state, data streams."""
+        storage.configure(cfg.storage)
+        device = init_distributed(cfg.train)
+        rank, world, _ = dist_env()
+        plan = plan_stage(cfg, stage, world, variant)
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        torch.manual_seed(cfg.train.seed)  # same init on every rank (DeepSpeed also broadcasts rank 0's)
+        model = VersaViT.build(cfg.model, tasks=plan.tasks, weights=cfg.train.multitask.loss_weights, dtype=dtype)
+        init_from = _resolve_init(cfg) if stage == "multitask" else None
+        if init_from:
+            n = _init_weights_from(model, init_from)
+            if rank == 0:
+                log.info("initialised %d tensors from %s", n, init_from)
+        if stage == "warmup":
+            groups = param_groups({"projector": model.freeze_for_warmup()}, plan.lrs, 0.0)
+        else:
+            groups = param_groups({"backbone": model.backbone_group(), "heads": model.heads_group()}, plan.lrs,
+                                  cfg.train.multitask.optim.weight_decay)
+        optim_cfg = cfg.train.multitask.optim
+        optimizer = build_optimizer(groups, optim_cfg)
+        scheduler = build_scheduler(optimizer, plan.total_steps, optim_cfg)
+        engine = initialize(model, optimizer, scheduler,
+                            deepspeed_config(cfg.train, len(plan.micro_steps), optim_cfg.grad_clip))
+        client = (checkpoint.load(engine, plan.checkpoints, rank) if resume else None) or {}
+        batches_done: dict[str, int] = dict(client.get("batches_done", {t: 0 for t in plan.tasks}))
+        streams = {t: task_batches(cfg, t, plan.batch_size[t], batches_done[t], seed_offset=i)
+                   for i, t in enumerate(plan.tasks)}
+        return cls(cfg, plan, engine, optimizer, streams, batches_done, device, rank, world,
+                   int(client.get("step", 0)), init_from)
+
+    def step(self, step: int) -> dict[str, float]:
+        """One optimiser step: a micro-step per entry of plan.micro_steps, then the metrics point."""
+        plan, engine = self.plan, self.engine
+        t_step = time.perf_counter()
+        wait = 0.0
+        losses: dict[str, list[float]] = {t: [] for t in plan.tasks}
+        task_time: dict[str, float] = dict.fromkeys(plan.tasks, 0.0)
+        for task in plan.micro_steps:
+            t0 = time.perf_counter()
+            batch = _to_device(next(self.streams[task]), self.device)
+            t1 = time.perf_counter()
+            wait += t1 - t0
+            loss, _parts = engine(task, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step {step}: {task} loss is {loss.item()} on rank {self.rank}")
+            # lambda-weighted sum over tasks (not DeepSpeed's mean over micro-steps) for multi-task;
+            # a plain mean over accumulated micro-batches for the single-task warm-up.
+            engine.backward(plan.weights[task] * loss, scale_wrt_gas=(plan.stage == "warmup"))
+            engine.step()
+            losses[task].append(float(loss.detach()))
+            self.batches_done[task] += 1
+            task_time[task] += time.perf_counter() - t1
+        step_time = time.perf_counter() - t_step
+        means = _mean_over_ranks([sum(v) / len(v) for v in losses.values()])
+        point: dict[str, float] = {f"loss/{t}": v for t, v in zip(plan.tasks, means, strict=True)}
+        point["loss/total"] = sum(plan.weights[t] * point[f"loss/{t}"] for t in plan.tasks)
+        for g in self.optimizer.param_groups:
+            point[f"lr/{g['name']}"] = g["lr"]
+        for t in plan.tasks:
+            n = plan.batch_size[t] * self.world * plan.micro_steps.count(t)
+            point[f"throughput/{t}_samples_per_s"] = n / max(task_time[t], 1e-9)
+        point["time/step_s"] = step_time
+        point["time/data_wait_frac"] = wait / step_time
+        return point
+
+    def save(self, step: int) -> None:
+        checkpoint.save(self.engine, self.plan.checkpoints, step, {"step": step, "batches_done": self.batches_done},
+                        self.rank)
+
+
 def run_stage(cfg: RunConfig, stage: str, variant: str = "") -> dict[str, Any]:
     """Train `stage` to its end (resuming from the latest checkpoint if any); every rank calls this."""
     from versavit.pipeline import make_tracker  # tracking set-up shared with the other stages
 
-    storage.configure(cfg.storage)
-    device = init_distributed(cfg.train)
-    rank, world, _ = dist_env()
-    plan = plan_stage(cfg, stage, world, variant)
+    tr = Trainer.setup(cfg, stage, variant)
+    plan, rank, start = tr.plan, tr.rank, tr.start
     run_name = f"{stage}-{variant}" if variant else stage
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    torch.manual_seed(cfg.train.seed)  # same init on every rank (DeepSpeed also broadcasts rank 0's)
-
-    model = VersaViT.build(cfg.model, tasks=plan.tasks, weights=cfg.train.multitask.loss_weights, dtype=dtype)
-    init_from = _resolve_init(cfg) if stage == "multitask" else None
-    if init_from:
-        n = _init_weights_from(model, init_from)
-        if rank == 0:
-            log.info("initialised %d tensors from %s", n, init_from)
-    if stage == "warmup":
-        groups = param_groups({"projector": model.freeze_for_warmup()}, plan.lrs, 0.0)
-    else:
-        groups = param_groups({"backbone": model.backbone_group(), "heads": model.heads_group()}, plan.lrs,
-                              cfg.train.multitask.optim.weight_decay)
-    optim_cfg = cfg.train.multitask.optim
-    optimizer = build_optimizer(groups, optim_cfg)
-    scheduler = build_scheduler(optimizer, plan.total_steps, optim_cfg)
-    engine = initialize(model, optimizer, scheduler,
-                        deepspeed_config(cfg.train, len(plan.micro_steps), optim_cfg.grad_clip))
-
-    client = checkpoint.load(engine, plan.checkpoints, rank) or {}
-    start = int(client.get("step", 0))
-    batches_done: dict[str, int] = dict(client.get("batches_done", {t: 0 for t in plan.tasks}))
-    streams = {t: task_batches(cfg, t, plan.batch_size[t], batches_done[t], seed_offset=i)
-               for i, t in enumerate(plan.tasks)}
-
     tracker = make_tracker(cfg, rank)
-    parent = tracker.parent_from_env()
-    run = tracker.start_stage_run(run_name, parent, tags={"versavit.config_hash": config_hash(cfg),
-                                                       "versavit.resumed_from_step": str(start)})
+    tags = {"versavit.config_hash": config_hash(cfg), "versavit.resumed_from_step": str(start)}
+    run = tracker.start_stage_run(run_name, tracker.parent_from_env(), tags=tags)
     if start == 0:
         tracker.log_config(run, config_to_dict(cfg))
     metrics_path = _metrics_path(cfg, run_name)
@@ -179,36 +238,7 @@ def run_stage(cfg: RunConfig, stage: str, variant: str = "") -> dict[str, Any]:
             if fault is not None and step == fault:
                 log.warning("fault injection: rank %d kills itself at step %d", rank, step)
                 os.kill(os.getpid(), signal.SIGKILL)
-            t_step = time.perf_counter()
-            wait = 0.0
-            losses: dict[str, list[float]] = {t: [] for t in plan.tasks}
-            task_time: dict[str, float] = dict.fromkeys(plan.tasks, 0.0)
-            for task in plan.micro_steps:
-                t0 = time.perf_counter()
-                batch = _to_device(next(streams[task]), device)
-                t1 = time.perf_counter()
-                wait += t1 - t0
-                loss, _parts = engine(task, batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"step {step}: {task} loss is {loss.item()} on rank {rank}")
-                # lambda-weighted sum over tasks (not DeepSpeed's mean over micro-steps) for multi-task;
-                # a plain mean over accumulated micro-batches for the single-task warm-up.
-                engine.backward(plan.weights[task] * loss, scale_wrt_gas=(stage == "warmup"))
-                engine.step()
-                losses[task].append(float(loss.detach()))
-                batches_done[task] += 1
-                task_time[task] += time.perf_counter() - t1
-            step_time = time.perf_counter() - t_step
-            means = _mean_over_ranks([sum(v) / len(v) for v in losses.values()])
-            point: dict[str, float] = {f"loss/{t}": v for t, v in zip(plan.tasks, means, strict=True)}
-            point["loss/total"] = sum(plan.weights[t] * point[f"loss/{t}"] for t in plan.tasks)
-            for g in optimizer.param_groups:
-                point[f"lr/{g['name']}"] = g["lr"]
-            for t in plan.tasks:
-                n = plan.batch_size[t] * world * plan.micro_steps.count(t)
-                point[f"throughput/{t}_samples_per_s"] = n / max(task_time[t], 1e-9)
-            point["time/step_s"] = step_time
-            point["time/data_wait_frac"] = wait / step_time
+            point = tr.step(step)
             if rank == 0:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps({"step": step + 1, **point}) + "\n")
@@ -216,10 +246,9 @@ def run_stage(cfg: RunConfig, stage: str, variant: str = "") -> dict[str, Any]:
                 tracker.log_metrics(run, point, step=step + 1)
             progress.update(step + 1, point, plan.tasks)
             if (step + 1) % plan.checkpoint_interval == 0 or step + 1 == plan.total_steps:
-                checkpoint.save(engine, plan.checkpoints, step + 1,
-                                {"step": step + 1, "batches_done": batches_done}, rank)
+                tr.save(step + 1)
                 last_saved = step + 1
-        result = _finish(cfg, plan, engine, model, rank, tracker, run, init_from)
+        result = _finish(cfg, plan, tr.engine, rank, tracker, run, tr.init_from)
         tracker.end_run(run, "FINISHED")
         return result
     except BaseException:
@@ -255,7 +284,7 @@ def _metrics_path(cfg: RunConfig, stage: str) -> Path:
     return reports_dir(cfg, stage) / "metrics.jsonl"
 
 
-def _finish(cfg: RunConfig, plan: StagePlan, engine: Any, model: VersaViT, rank: int, tracker: Any, run: Any,
+def _finish(cfg: RunConfig, plan: StagePlan, engine: Any, rank: int, tracker: Any, run: Any,
             init_from: str | None) -> dict[str, Any]:
     """Export (rank 0): HF backbone + heads, the trained tensors, stage.json; register the backbone."""
     module: VersaViT = engine.module
