@@ -177,7 +177,12 @@ class CaptionHead(nn.Module):
         return list(self.llm.parameters())
 
     def gradient_checkpointing_enable(self) -> None:
-        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        """Recompute the LLM's layer activations in backward (transformers >= 5.x name, older name as fallback)."""
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.llm, "activation_checkpointing_enable"):
+            self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # ------------------------------------------------------------------ tokenisation
     def _ids(self, text: str, user_text: bool = False) -> list[int]:
@@ -239,7 +244,9 @@ class CaptionHead(nn.Module):
         batch = self.build_batch([int(v.shape[0]) for v in visual], questions, answers)
         input_ids, attention, labels = (t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.labels))
         embeds = self._embed(input_ids, batch.image_mask.to(device), visual)
-        hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention).last_hidden_state
+        # use_cache=False: training needs no KV cache (and gradient checkpointing refuses one).
+        decoder = self.llm.get_decoder()
+        hidden = decoder(inputs_embeds=embeds, attention_mask=attention, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         selected = targets != IGNORE_INDEX
         lm_head = self.llm.get_output_embeddings()

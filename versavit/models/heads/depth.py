@@ -5,6 +5,8 @@ They take any number of maps (one reassemble layer and one fusion block per map)
 go in as three maps; the channel/resampling pattern is Depth-Anything-V2-Large's ([f, 2f, 4f, 4f] channels at
 x4, x2, x1, x0.5 of the patch grid) cut to the number of layers. With three layers the coarse x0.5 level is the
 one dropped: the fine levels carry the detail a dense map needs, and the deepest layer still enters at x1.
+Which backbone blocks feed the head (cfg.layers, 1-based, or the backbone's `uniform_layers(3)`) is the
+assembled model's business; this head only takes the maps, shallow to deep.
 """
 
 from __future__ import annotations
@@ -22,21 +24,6 @@ from versavit.config.schema import DepthHeadConfig
 PATCH_SIZE = 14
 _CHANNEL_MULTIPLIERS = (1, 2, 4, 4)  # Depth-Anything-V2-L: [256, 512, 1024, 1024] for features 256
 _FACTORS = (4, 2, 1, 0.5)
-
-
-def depth_layers(cfg: DepthHeadConfig, backbone_depth: int, num: int = 3) -> list[int]:
-    """0-based indices of the backbone blocks that feed the head: cfg.layers, or `num` uniformly spaced
-    blocks ending at the last one (32 blocks -> [10, 20, 31])."""
-    layers = cfg.layers
-    if layers is None:
-        layers = [round((k + 1) * backbone_depth / num) - 1 for k in range(num)]
-        layers = sorted({max(i, 0) for i in layers})
-    bad = [i for i in layers if not 0 <= i < backbone_depth]
-    if bad:
-        raise ValueError(f"depth head layers {bad} out of range for a backbone of {backbone_depth} blocks")
-    if not 1 <= len(layers) <= len(_FACTORS):
-        raise ValueError(f"depth head takes 1 to {len(_FACTORS)} layers, got {len(layers)}")
-    return list(layers)
 
 
 def depth_anything_config(cfg: DepthHeadConfig, embed_dim: int, num_layers: int) -> DepthAnythingConfig:
