@@ -1,6 +1,6 @@
 """KFP v2 components: one per stage, thin wrappers over `versavit.stages` (no logic of their own).
 
-Inputs and outputs are strings: the resolved run config (YAML, no credentials: only the names of
+Inputs and outputs are strings: the resolved run config (JSON, no credentials: only the names of
 the env variables that hold them), URLs, and the MLflow parent run id. On the cluster every
 component runs in the versavit image; locally KFP's SubprocessRunner runs them in this Python.
 Function bodies import what they need: KFP ships each body to its own process.
@@ -21,53 +21,53 @@ def _component(func):  # noqa: ANN001, ANN202 - decorator
 
 
 @_component
-def open_run(config_yaml: str, kfp_run_id: str) -> str:
+def open_run(config_json: str, kfp_run_id: str) -> str:
     """Create the pipeline's MLflow parent run; returns its id."""
     from versavit.config import load_config_text
     from versavit.stages import open_pipeline_run
 
-    return open_pipeline_run(load_config_text(config_yaml), kfp_run_id)
+    return open_pipeline_run(load_config_text(config_json), kfp_run_id)
 
 
 @_component
-def close_run(config_yaml: str, kfp_run_id: str, status: dsl.PipelineTaskFinalStatus) -> None:
+def close_run(config_json: str, kfp_run_id: str, status: dsl.PipelineTaskFinalStatus) -> None:
     """Exit handler: mark the parent run (found by its KFP run id tag) FINISHED or FAILED."""
     from versavit.config import load_config_text
     from versavit.stages import close_pipeline_run
 
     state = "FINISHED" if status.state == "SUCCEEDED" else "FAILED"
-    close_pipeline_run(load_config_text(config_yaml), kfp_run_id=kfp_run_id, status=state)
+    close_pipeline_run(load_config_text(config_json), kfp_run_id=kfp_run_id, status=state)
 
 
 @_component
-def data(config_yaml: str, parent_run_id: str, kfp_run_id: str) -> str:
+def data(config_json: str, parent_run_id: str, kfp_run_id: str) -> str:
     """Render the synthetic world into train/val shards; returns the dataset root URL."""
     from versavit.config import load_config_text
     from versavit.stages import stage_data
 
-    return stage_data(load_config_text(config_yaml), parent_run_id, kfp_run_id)
+    return stage_data(load_config_text(config_json), parent_run_id, kfp_run_id)
 
 
 @_component
-def data_check(config_yaml: str, dataset_url: str, parent_run_id: str, kfp_run_id: str) -> str:
+def data_check(config_json: str, dataset_url: str, parent_run_id: str, kfp_run_id: str) -> str:
     """Read the shards back through the training reader; returns statistics (JSON)."""
     from versavit.config import load_config_text
     from versavit.stages import stage_data_check
 
-    return stage_data_check(load_config_text(config_yaml), dataset_url, parent_run_id, kfp_run_id)
+    return stage_data_check(load_config_text(config_json), dataset_url, parent_run_id, kfp_run_id)
 
 
 @_component
-def label(config_yaml: str, dataset_url: str, parent_run_id: str, kfp_run_id: str) -> str:
+def label(config_json: str, dataset_url: str, parent_run_id: str, kfp_run_id: str) -> str:
     """Pseudo-label the dataset (text embeddings; teacher depth/masks if configured)."""
     from versavit.config import load_config_text
     from versavit.stages import stage_label
 
-    return stage_label(load_config_text(config_yaml), dataset_url, parent_run_id, kfp_run_id)
+    return stage_label(load_config_text(config_json), dataset_url, parent_run_id, kfp_run_id)
 
 
 @_component
-def train(config_yaml: str, stage: str, variant: str, upstream: str, parent_run_id: str, kfp_run_id: str) -> str:
+def train(config_json: str, stage: str, variant: str, upstream: str, parent_run_id: str, kfp_run_id: str) -> str:
     """Train a stage (torchrun locally, a PyTorchJob/TrainJob on the cluster); returns its stage.json URL.
 
     `upstream` is the URL this stage depends on (data or the previous stage): it orders the DAG.
@@ -75,11 +75,11 @@ def train(config_yaml: str, stage: str, variant: str, upstream: str, parent_run_
     from versavit.config import load_config_text
     from versavit.stages import stage_train
 
-    return stage_train(load_config_text(config_yaml), stage, variant, parent_run_id, kfp_run_id)
+    return stage_train(load_config_text(config_json), stage, variant, parent_run_id, kfp_run_id)
 
 
 @_component
-def evaluate(config_yaml: str, parent_run_id: str, kfp_run_id: str, manifest_1: str, manifest_2: str = "",
+def evaluate(config_json: str, parent_run_id: str, kfp_run_id: str, manifest_1: str, manifest_2: str = "",
              manifest_3: str = "") -> str:
     """Probes, zero-shot depth, referring segmentation: the baseline vs. each trained stage (up to three
     stage.json URLs, e.g. the ablation's branches). Returns the report URL."""
@@ -87,4 +87,4 @@ def evaluate(config_yaml: str, parent_run_id: str, kfp_run_id: str, manifest_1: 
     from versavit.stages import stage_eval_manifests
 
     manifests = [m for m in (manifest_1, manifest_2, manifest_3) if m]
-    return stage_eval_manifests(load_config_text(config_yaml), manifests, parent_run_id, kfp_run_id)
+    return stage_eval_manifests(load_config_text(config_json), manifests, parent_run_id, kfp_run_id)

@@ -1,14 +1,14 @@
 """KFP v2 pipeline definitions: the VersaViT run and the paper's Table 4 ablation.
 
-Both are built from a resolved `RunConfig` (`make_*_pipeline(cfg)`): the config travels as a YAML
+Both are built from a resolved `RunConfig` (`make_*_pipeline(cfg)`): the config travels as a JSON
 string parameter, so the compiled pipeline is self-contained and holds no credential values
 (secrets reach the pods as env variables by secret name, through kfp-kubernetes).
 """
 
 
+import json
 from collections.abc import Callable
 
-import yaml
 from kfp import dsl
 
 from versavit.config import RunConfig, config_to_dict, load_config_text
@@ -21,12 +21,14 @@ ABLATION = {  # Table 4 of the paper: task subsets of the multi-task stage
 }
 
 
-def config_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+def config_json(cfg: RunConfig) -> str:
+    """The resolved config as one line of JSON: KFP copies parameter defaults into a YAML comment
+    header of the compiled file, where a multi-line value would break the YAML."""
+    return json.dumps(config_to_dict(cfg), separators=(",", ":"))
 
 
 def _with_overrides(text: str, overrides: list[str]) -> str:
-    return config_yaml(load_config_text(text, overrides))
+    return config_json(load_config_text(text, overrides))
 
 
 def _cluster_settings(task: dsl.PipelineTask, cfg: RunConfig, gpus: bool = False) -> dsl.PipelineTask:
@@ -56,33 +58,33 @@ def make_pipeline(cfg: RunConfig) -> Callable:
     """data -> data_check -> label -> warm-up -> multi-task -> evaluation, under one MLflow parent run."""
     import components as c
 
-    default = config_yaml(cfg)
+    default = config_json(cfg)
     synthetic = cfg.data.source == "synthetic"
 
     @dsl.pipeline(name="versavit", description="VersaViT: multi-task post-training of an MLLM's vision encoder")
-    def versavit(config_yaml: str = default):
+    def versavit(config_json: str = default):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         # the exit task may not depend on other tasks: it finds the parent run by the KFP run id
-        closer = _cluster_settings(c.close_run(config_yaml=config_yaml, kfp_run_id=run_id), cfg)
+        closer = _cluster_settings(c.close_run(config_json=config_json, kfp_run_id=run_id), cfg)
         with dsl.ExitHandler(closer, name="track-run"):
-            opened = c.open_run(config_yaml=config_yaml, kfp_run_id=run_id).set_caching_options(False)
+            opened = c.open_run(config_json=config_json, kfp_run_id=run_id).set_caching_options(False)
             parent = _cluster_settings(opened, cfg).output
             upstream = ""
             if synthetic:
-                data = _cluster_settings(c.data(config_yaml=config_yaml, parent_run_id=parent,
+                data = _cluster_settings(c.data(config_json=config_json, parent_run_id=parent,
                                                 kfp_run_id=run_id), cfg)
-                _cluster_settings(c.data_check(config_yaml=config_yaml, dataset_url=data.output,
+                _cluster_settings(c.data_check(config_json=config_json, dataset_url=data.output,
                                                parent_run_id=parent, kfp_run_id=run_id), cfg)
-                labelled = c.label(config_yaml=config_yaml, dataset_url=data.output, parent_run_id=parent,
+                labelled = c.label(config_json=config_json, dataset_url=data.output, parent_run_id=parent,
                                    kfp_run_id=run_id).set_retry(RETRIES)
                 upstream = _cluster_settings(labelled, cfg, gpus=True).output
-            warm = c.train(config_yaml=config_yaml, stage="warmup", variant="", upstream=upstream,
+            warm = c.train(config_json=config_json, stage="warmup", variant="", upstream=upstream,
                            parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES)
             _cluster_settings(warm, cfg)
-            multi = c.train(config_yaml=config_yaml, stage="multitask", variant="", upstream=warm.output,
+            multi = c.train(config_json=config_json, stage="multitask", variant="", upstream=warm.output,
                             parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES)
             _cluster_settings(multi, cfg)
-            ev = c.evaluate(config_yaml=config_yaml, parent_run_id=parent, kfp_run_id=run_id,
+            ev = c.evaluate(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id,
                             manifest_1=multi.output)
             _cluster_settings(ev, cfg, gpus=True)
 
@@ -94,34 +96,34 @@ def make_ablation_pipeline(cfg: RunConfig) -> Callable:
     labelled data and the warm-up checkpoint; one evaluation compares the three backbones."""
     import components as c
 
-    default = config_yaml(cfg)
+    default = config_json(cfg)
     branches = {name: _with_overrides(default, [f"train.multitask.tasks=[{', '.join(tasks)}]"])
                 for name, tasks in ABLATION.items()}
     synthetic = cfg.data.source == "synthetic"
 
     @dsl.pipeline(name="versavit-ablation-tasks", description="VersaViT Table 4: task subsets of the multi-task stage")
-    def ablation(config_yaml: str = default):
+    def ablation(config_json: str = default):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        closer = _cluster_settings(c.close_run(config_yaml=config_yaml, kfp_run_id=run_id), cfg)
+        closer = _cluster_settings(c.close_run(config_json=config_json, kfp_run_id=run_id), cfg)
         with dsl.ExitHandler(closer, name="track-run"):
-            opened = c.open_run(config_yaml=config_yaml, kfp_run_id=run_id).set_caching_options(False)
+            opened = c.open_run(config_json=config_json, kfp_run_id=run_id).set_caching_options(False)
             parent = _cluster_settings(opened, cfg).output
             upstream = ""
             if synthetic:
-                data = _cluster_settings(c.data(config_yaml=config_yaml, parent_run_id=parent, kfp_run_id=run_id),
+                data = _cluster_settings(c.data(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id),
                                          cfg)
-                labelled = c.label(config_yaml=config_yaml, dataset_url=data.output, parent_run_id=parent,
+                labelled = c.label(config_json=config_json, dataset_url=data.output, parent_run_id=parent,
                                    kfp_run_id=run_id).set_retry(RETRIES)
                 upstream = _cluster_settings(labelled, cfg, gpus=True).output
-            warm = _cluster_settings(c.train(config_yaml=config_yaml, stage="warmup", variant="", upstream=upstream,
+            warm = _cluster_settings(c.train(config_json=config_json, stage="warmup", variant="", upstream=upstream,
                                              parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES), cfg)
             outs = []
             for name, branch_yaml in branches.items():
-                t = c.train(config_yaml=branch_yaml, stage="multitask", variant=name, upstream=warm.output,
+                t = c.train(config_json=branch_yaml, stage="multitask", variant=name, upstream=warm.output,
                             parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES)
                 t.set_display_name(f"multitask-{name}")
                 outs.append(_cluster_settings(t, cfg).output)
-            ev = c.evaluate(config_yaml=config_yaml, parent_run_id=parent, kfp_run_id=run_id,
+            ev = c.evaluate(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id,
                             manifest_1=outs[0], manifest_2=outs[1], manifest_3=outs[2])
             _cluster_settings(ev, cfg, gpus=True)
 
