@@ -137,7 +137,7 @@ def stage_train(cfg: RunConfig, stage: str, variant: str = "", parent_run_id: st
         done = json.loads(storage.read_text(manifest_url))
         if done.get("config_hash") == config_hash(cfg):
             return manifest_url
-    get_launcher(cfg).launch(cfg, stage, variant=variant)
+    get_launcher(cfg).launch(cfg, stage, variant=variant)  # local torchrun, PyTorchJob or TrainJob
     return manifest_url
 
 

@@ -31,7 +31,9 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    cfg = load_config(args.config, args.overrides)
+    from versavit.launch.base import localize_config  # a cluster pod gets the config as an s3:// URL
+
+    cfg = load_config(localize_config(args.config), args.overrides)
     run_stage(cfg, args.stage, args.variant)
 
 

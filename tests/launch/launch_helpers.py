@@ -1,0 +1,56 @@
+"""Helpers shared by the launcher tests: repo paths, the CRD schemas, cluster-style overrides."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILES = {"PyTorchJob": "kubeflow.org_pytorchjobs.yaml", "TrainJob": "trainer.kubeflow.org_trainjobs.yaml"}
+
+
+def crd_dir() -> Path | None:
+    """../shared/k8s/crds beside the checkout (or $VERSAVIT_CRD_DIR, or shared/ inside it)."""
+    candidates = [os.environ.get("VERSAVIT_CRD_DIR"), ROOT.parent / "shared/k8s/crds", ROOT / "shared/k8s/crds"]
+    return next((Path(c) for c in candidates if c and (Path(c) / CRD_FILES["PyTorchJob"]).is_file()), None)
+
+
+@functools.cache
+def crd_schema(kind: str) -> dict[str, Any]:
+    """openAPIV3Schema of the CRD's served version, made strict (see `strict`)."""
+    where = crd_dir()
+    if where is None:
+        pytest.skip("CRD schemas not found (../shared/k8s/crds or $VERSAVIT_CRD_DIR)")
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd = yaml.load((where / CRD_FILES[kind]).read_text(), Loader=loader)
+    version = next(v for v in crd["spec"]["versions"] if v.get("served", True))
+    return strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+
+
+def strict(schema: dict[str, Any]) -> dict[str, Any]:
+    """Refuse unknown fields. The API server silently prunes them from custom objects, so a typo
+    (or a field from another API version) would vanish instead of failing: the test must catch it."""
+    if isinstance(schema, dict):
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        for value in schema.values():
+            if isinstance(value, dict):
+                strict(value)
+            elif isinstance(value, list):
+                for item in value:
+                    strict(item)
+    return schema
+
+
+def cluster_overrides(backend: str) -> list[str]:
+    return [f"launch.backend={backend}", "launch.secret_env.AWS_ACCESS_KEY_ID=minio-credentials/access-key",
+            "launch.secret_env.AWS_SECRET_ACCESS_KEY=minio-credentials/secret-key"]
+
+

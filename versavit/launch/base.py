@@ -1,0 +1,655 @@
+"""One launcher interface, three backends: local torchrun, Kubeflow PyTorchJob, Kubeflow Trainer v2 TrainJob.
+
+    launcher = get_launcher(cfg)                 # picks cfg.launch.backend
+    result = launcher.launch(cfg, "multitask")   # -> LaunchResult (outputs = the stage's stage.json)
+
+The cluster backends share one life cycle (`ClusterLauncher`): publish the resolved config to an URL
+the pods can read, create the job, poll it until it ends (streaming the master's log meanwhile),
+and on failure raise a `LaunchError` with the job's own reason (failed condition, container exit
+reason/code and termination message, log tail). A timeout or a cancel (Ctrl-C, SIGTERM from KFP)
+deletes the job, so nothing keeps holding GPUs.
+
+Config transport: the pods get `--config s3://<workdir>/launch/<stage>/<job>.yaml`, a copy of the
+resolved config written by the launcher (the config holds no credentials: only env var names).
+`localize_config` turns such a URL back into a local file inside the pod.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from versavit.config import RunConfig, config_hash, dump_yaml
+from versavit.launch.local import LaunchError
+
+# Plain (non-secret) variables of the launching process that the training pods inherit, so the
+# stage's MLflow run nests under the pipeline's parent run and carries the KFP run id.
+FORWARDED_ENV = ("VERSAVIT_PARENT_RUN_ID", "KFP_RUN_ID")
+# The storage section of the config (endpoint, region, env var names; never values) travels in this
+# variable so a pod can read its config from S3 before it has loaded that config.
+STORAGE_ENV = "VERSAVIT_STORAGE"
+_CREDENTIAL_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|CREDENTIAL|PRIVATE", re.I)
+
+TRAINER_UID = 1000  # the non-root user of images/trainer
+SHM_VOLUME = "dshm"
+DEFAULT_TIMEOUT_S = 3 * 24 * 3600.0
+# Container states that never resolve by waiting: past this grace the job fails instead of
+# sitting pending until the timeout (e.g. a missing secret, a wrong image name).
+STUCK_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
+                 "CreateContainerError")
+
+
+class LaunchTimeout(LaunchError):
+    """The job did not finish in time; it has been deleted."""
+
+
+class JobFailed(LaunchError):
+    """The cluster job ended in failure; the message carries the job's own reason."""
+
+
+@dataclass
+class LaunchResult:
+    """What a finished training stage left: its stage.json and where it ran."""
+
+    backend: str
+    stage: str
+    outputs: dict[str, Any]
+    job_name: str | None = None
+    namespace: str | None = None
+    config_url: str | None = None
+    elapsed_s: float = 0.0
+
+
+class Launcher(ABC):
+    """Runs one training stage somewhere and returns when it has finished."""
+
+    backend: ClassVar[str]
+
+    @abstractmethod
+    def launch(self, cfg: RunConfig, stage: str, config_url: str | None = None,
+               env: dict[str, str] | None = None, variant: str = "") -> LaunchResult:
+        """Run `stage` of `cfg` (outputs in stages/<stage>[-<variant>]); raise `LaunchError` if it fails."""
+
+
+class LocalLauncher(Launcher):
+    """torchrun on this machine (`launch_local`); it writes and uses its own resolved config copy."""
+
+    backend = "local"
+
+    def __init__(self, stream_output: bool = True):
+        self.stream_output = stream_output
+
+    def launch(self, cfg: RunConfig, stage: str, config_url: str | None = None,
+               env: dict[str, str] | None = None, variant: str = "") -> LaunchResult:
+        from versavit.launch.local import launch_local
+
+        start = time.monotonic()
+        outputs = launch_local(cfg, stage, env=env, stream_output=self.stream_output, variant=variant)
+        return LaunchResult("local", stage, outputs, elapsed_s=time.monotonic() - start)
+
+
+def get_launcher(cfg: RunConfig, **options: Any) -> Launcher:
+    """The launcher of `cfg.launch.backend`; `options` go to its constructor (timeouts, API client)."""
+    backend = cfg.launch.backend
+    if backend == "local":
+        return LocalLauncher(**options)
+    if backend == "pytorchjob":
+        from versavit.launch.pytorchjob import PyTorchJobLauncher
+
+        return PyTorchJobLauncher(**options)
+    if backend == "trainjob":
+        from versavit.launch.trainjob import TrainJobLauncher
+
+        return TrainJobLauncher(**options)
+    raise LaunchError(f"unknown launch.backend {backend!r} (local, pytorchjob or trainjob)")
+
+
+# --------------------------------------------------------------------------------------------
+# pieces of the pod spec shared by PyTorchJob and TrainJob (plain dicts, Kubernetes field names)
+
+
+def _dns_label(text: str, limit: int) -> str:
+    out = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:limit].strip("-")
+    return out if out[:1].isalpha() else f"v{out}"[:limit].rstrip("-")
+
+
+def make_job_name(cfg: RunConfig, stage: str) -> str:
+    """`<run>-<stage>-<6 hex>`: a fresh DNS-1035 name per launch, short enough for derived pod/service names."""
+    return f"{_dns_label(cfg.name, 20)}-{stage}-{uuid.uuid4().hex[:6]}"
+
+
+def _label_value(text: str) -> str:
+    out = re.sub(r"[^A-Za-z0-9_.-]+", "-", text)[:63]
+    return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", out)
+
+
+def job_labels(cfg: RunConfig, stage: str) -> dict[str, str]:
+    """Labels on the job and its pods: find a run's jobs with `-l versavit.io/run=<name>`."""
+    labels = {
+        "app.kubernetes.io/name": "versavit-trainer",
+        "app.kubernetes.io/part-of": "versavit",
+        "app.kubernetes.io/managed-by": "versavit-launcher",
+        "versavit.io/run": _label_value(cfg.name) or "versavit",
+        "versavit.io/stage": stage,
+        "versavit.io/config-hash": config_hash(cfg),
+    }
+    if kfp_run := _label_value(os.environ.get("KFP_RUN_ID", "")):
+        labels["versavit.io/kfp-run-id"] = kfp_run
+    return labels
+
+
+def torchrun_command(cfg: RunConfig, stage: str, config_ref: str, variant: str = "") -> list[str]:
+    """The container command. Node rank and master address come from the PET_* variables that both
+    operators set (torchrun reads them as defaults), so the same command serves every replica."""
+    launch = cfg.launch
+    return ["python", "-m", "torch.distributed.run", "--nnodes", str(launch.nnodes),
+            "--nproc-per-node", str(launch.nproc_per_node),
+            # restarts belong to the operator (restartPolicy + backoffLimit), not to torchrun
+            "--max-restarts", "0",
+            "-m", "versavit.train.entry", "--stage", stage, "--config", config_ref,
+            *(["--variant", variant] if variant else [])]
+
+
+def secret_env(cfg: RunConfig) -> list[dict[str, Any]]:
+    """`launch.secret_env` as secretKeyRef entries: the pod spec names secrets, never holds values."""
+    out = []
+    for name, ref in cfg.launch.secret_env.items():
+        secret, sep, key = ref.partition("/")
+        if not (sep and secret and key):
+            raise LaunchError(f"launch.secret_env.{name} = {ref!r}: expected 'secret-name/key'")
+        out.append({"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+    return out
+
+
+def container_env(cfg: RunConfig, extra: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Env of the training container: plain settings, forwarded run ids, then the secret refs."""
+    plain: dict[str, str] = {"PYTHONUNBUFFERED": "1", STORAGE_ENV: cfg.storage.model_dump_json()}
+    if cfg.storage.s3_endpoint_url:
+        plain["AWS_ENDPOINT_URL_S3"] = cfg.storage.s3_endpoint_url
+    plain.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
+    plain.update(extra or {})
+    for name in plain:
+        if name in cfg.launch.secret_env or _CREDENTIAL_NAME.search(name):
+            raise LaunchError(f"env {name!r} looks like a credential: pass it through launch.secret_env "
+                              "(a secret reference), never as a value in the job spec")
+    return [{"name": k, "value": v} for k, v in plain.items()] + secret_env(cfg)
+
+
+def resources(cfg: RunConfig) -> dict[str, dict[str, str]]:
+    """Requests/limits of one node. GPUs: requests == limits (extended resources need that); memory is
+    limited at the request so a leak is an OOMKill with a reason, not a node-wide eviction; CPU is
+    not limited (throttling slows NCCL and data loading)."""
+    res = cfg.launch.resources
+    requests = {"cpu": res.cpu, "memory": res.memory}
+    limits = {"memory": res.memory}
+    if res.gpus_per_node:
+        requests[res.gpu_resource_name] = limits[res.gpu_resource_name] = str(res.gpus_per_node)
+    return {"requests": requests, "limits": limits}
+
+
+def shm_volume(cfg: RunConfig) -> dict[str, Any]:
+    """/dev/shm in RAM with a size cap: the container default (64 MiB) breaks DataLoader workers and NCCL."""
+    return {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": cfg.launch.resources.shm_size}}
+
+
+def shm_mount() -> dict[str, str]:
+    return {"name": SHM_VOLUME, "mountPath": "/dev/shm"}
+
+
+def tolerations(cfg: RunConfig) -> list[dict[str, Any]]:
+    out = []
+    for tol in cfg.launch.tolerations:
+        item: dict[str, Any] = dict(tol)
+        if "tolerationSeconds" in item:  # the schema holds strings; the API wants an integer
+            item["tolerationSeconds"] = int(item["tolerationSeconds"])
+        out.append(item)
+    return out
+
+
+def pod_security_context() -> dict[str, Any]:
+    return {"runAsNonRoot": True, "runAsUser": TRAINER_UID, "runAsGroup": TRAINER_UID, "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_security_context() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def stage_outputs_url(cfg: RunConfig, stage: str, variant: str = "") -> str:
+    """Where a training stage leaves its outputs (= versavit.train.loop.stage_url, which is not imported
+    here: it pulls in torch and DeepSpeed, which the process that only launches jobs does not need)."""
+    from versavit import storage
+
+    return storage.join(cfg.workdir, "stages", f"{stage}-{variant}" if variant else stage)
+
+
+def publish_config(cfg: RunConfig, stage: str, job_name: str) -> str:
+    """Write the resolved config where every pod can read it; return its URL."""
+    from versavit import storage
+
+    if not storage.is_remote(cfg.workdir):
+        raise LaunchError(f"launch.backend={cfg.launch.backend!r} needs a workdir the cluster's pods can reach "
+                          f"(s3://...), got {cfg.workdir!r}")
+    url = storage.join(cfg.workdir, "launch", stage, f"{job_name}.yaml")
+    storage.ensure_bucket(url)  # also proves the endpoint and credentials work, before any GPU is held
+    storage.write_text(url, dump_yaml(cfg))
+    return url
+
+
+def localize_config(ref: str) -> str:
+    """A local path for `--config`: an URL (s3://...) is fetched once per pod into a temp file.
+
+    Called by the training entry point before it loads the config; storage settings come from
+    `$VERSAVIT_STORAGE` (set by the launchers), credentials from the env as always.
+    """
+    from versavit import storage
+    from versavit.config.schema import StorageConfig
+
+    if not storage.is_remote(ref):
+        return ref
+    raw = os.environ.get(STORAGE_ENV)
+    storage.configure(StorageConfig.model_validate_json(raw) if raw else StorageConfig())
+    dest = Path(tempfile.gettempdir()) / f"versavit-config-{hashlib.sha256(ref.encode()).hexdigest()[:12]}.yaml"
+    if not dest.is_file():  # the ranks of a node share one download (written atomically)
+        tmp = dest.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(storage.read_text(ref))
+        os.replace(tmp, dest)
+    return str(dest)
+
+
+# --------------------------------------------------------------------------------------------
+# the shared cluster life cycle
+
+
+@dataclass
+class JobState:
+    """Where a cluster job stands: phase is pending, running, succeeded or failed."""
+
+    phase: str
+    summary: str
+    reason: str = ""
+    message: str = ""
+
+
+def true_conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The job's conditions whose status is True, by type."""
+    conds = (obj.get("status") or {}).get("conditions") or []
+    return {c.get("type"): c for c in conds if str(c.get("status")) == "True"}
+
+
+def _get(obj: Any, *path: str) -> Any:
+    for name in path:
+        if obj is None:
+            return None
+        obj = getattr(obj, name, None)
+    return obj
+
+
+def describe_pod(pod: Any, max_lines: int = 20) -> str:
+    """One pod in a few lines: phase, why a container ended or waits, why it is not scheduled."""
+    name, phase = _get(pod, "metadata", "name"), _get(pod, "status", "phase")
+    lines = [f"pod {name} ({phase})"]
+    if reason := _get(pod, "status", "reason"):  # e.g. Evicted
+        lines.append(f"  {reason}: {_get(pod, 'status', 'message') or ''}".rstrip(": "))
+    statuses = (_get(pod, "status", "init_container_statuses") or []) + \
+        (_get(pod, "status", "container_statuses") or [])
+    for cs in statuses:
+        term = _get(cs, "state", "terminated")
+        if not (term and term.exit_code):
+            last = _get(cs, "last_state", "terminated")  # restarted in place: the previous run's end
+            term = last if last and last.exit_code else term
+        waiting = _get(cs, "state", "waiting")
+        if term and term.exit_code:
+            lines.append(f"  container {cs.name} terminated: {term.reason or 'Error'}, exit code {term.exit_code}"
+                         + (f" (restarts: {cs.restart_count})" if cs.restart_count else ""))
+            msg = (term.message or "").strip().splitlines()[-max_lines:]
+            lines += [f"    {ln}" for ln in msg]
+        elif waiting and waiting.reason and waiting.reason not in ("ContainerCreating", "PodInitializing"):
+            lines.append(f"  container {cs.name} waiting: {waiting.reason}: {waiting.message or ''}".rstrip(": "))
+    for cond in _get(pod, "status", "conditions") or []:
+        if cond.type == "PodScheduled" and cond.status == "False":
+            lines.append(f"  not scheduled: {cond.reason}: {cond.message or ''}".rstrip(": "))
+    return "\n".join(lines)
+
+
+def _has_termination_message(pod: Any) -> bool:
+    for cs in _get(pod, "status", "container_statuses") or []:
+        for term in (_get(cs, "state", "terminated"), _get(cs, "last_state", "terminated")):
+            if term and term.exit_code and (term.message or "").strip():
+                return True
+    return False
+
+
+def _stuck_reason(pod: Any) -> str | None:
+    for cs in (_get(pod, "status", "init_container_statuses") or []) + \
+            (_get(pod, "status", "container_statuses") or []):
+        waiting = _get(cs, "state", "waiting")
+        if waiting and waiting.reason in STUCK_REASONS:
+            return f"{waiting.reason}: {waiting.message or ''}".rstrip(": ")
+    return None
+
+
+class _LogFollower(threading.Thread):
+    """Follows one container's log (chunked HTTP stream) and hands each line to a sink."""
+
+    def __init__(self, open_stream: Callable[[], Any], sink: Callable[[str], None], tail: collections.deque):
+        super().__init__(daemon=True, name="versavit-log-follower")
+        self._open, self._sink, self._tail = open_stream, sink, tail
+        self._resp: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._resp = self._open()
+            buf = b""
+            for chunk in self._resp.stream(4096, decode_content=True):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    self._emit(line)
+            if buf:
+                self._emit(buf)
+        except Exception as exc:  # logs are best effort: the job's status decides success
+            self.error = exc
+        finally:
+            self.stop()
+
+    def _emit(self, raw: bytes) -> None:
+        line = raw.decode(errors="replace").rstrip("\r")
+        self._tail.append(line)
+        self._sink(line)
+
+    def stop(self) -> None:
+        resp, self._resp = self._resp, None
+        if resp is not None:
+            with contextlib.suppress(Exception):
+                resp.release_conn()
+                resp.close()
+
+
+@contextlib.contextmanager
+def _sigterm_raises_interrupt(cancelled: threading.Event) -> Iterator[None]:
+    """KFP cancels a run by SIGTERM to the step's pod: treat it like Ctrl-C so the job gets deleted.
+
+    The handler also sets `cancelled`, which the poll loop checks: an interrupt raised while the
+    main thread runs a finaliser is swallowed by Python ("Exception ignored in ..."), the flag is not.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        cancelled.set()
+        raise KeyboardInterrupt(f"received {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stderr_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Watch:
+    """What the poll loop remembers between polls."""
+
+    follower: _LogFollower | None = None
+    followed: tuple[str, int] | None = None
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=30))
+    summary: str = ""
+    stuck_since: dict[str, float] = field(default_factory=dict)
+    api_errors: int = 0
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class ClusterLauncher(Launcher):
+    """Create a job, wait for it with a timeout, stream the master's log, delete it on cancel/timeout.
+
+    Subclasses supply the object and the API calls; everything that decides is here.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, client_configuration: Any = None, timeout_s: float | None = DEFAULT_TIMEOUT_S,
+                 poll_interval_s: float = 10.0, log_sink: Callable[[str], None] | None = None,
+                 status_sink: Callable[[str], None] | None = None, stream_logs: bool = True,
+                 stuck_grace_s: float = 300.0, max_api_errors: int = 6, job_name: str | None = None):
+        """`client_configuration`: a kubernetes.client.Configuration (None: in-cluster or kubeconfig).
+        `timeout_s`: None waits forever. `stuck_grace_s`: how long a pod may sit in an unrecoverable
+        waiting state (image pull, missing secret) before the job is failed and deleted."""
+        self.client_configuration = client_configuration
+        self.timeout_s = timeout_s
+        self.poll_interval_s = poll_interval_s
+        self.log_sink = log_sink or _stderr_line
+        self.status_sink = status_sink or (lambda msg: _stderr_line(f"[launch] {msg}"))
+        self.stream_logs = stream_logs
+        self.stuck_grace_s = stuck_grace_s
+        self.max_api_errors = max_api_errors
+        self.job_name = job_name
+
+    # -- what a backend provides ---------------------------------------------------------------
+    @abstractmethod
+    def build(self, cfg: RunConfig, stage: str, config_ref: str, name: str,
+              env: dict[str, str] | None = None, variant: str = "") -> Any:
+        """The job object to create (SDK model or dict)."""
+
+    @abstractmethod
+    def _connect(self, namespace: str) -> None:
+        """Make the API clients for `namespace`."""
+
+    @abstractmethod
+    def _create(self, job: Any, namespace: str) -> None: ...
+
+    @abstractmethod
+    def _read(self, name: str, namespace: str) -> dict[str, Any]:
+        """The job as a dict (Kubernetes field names)."""
+
+    @abstractmethod
+    def _pods(self, name: str, namespace: str) -> list[Any]:
+        """The job's pods (kubernetes V1Pod)."""
+
+    @abstractmethod
+    def _is_master(self, pod: Any) -> bool: ...
+
+    @abstractmethod
+    def _state(self, obj: dict[str, Any], pods: list[Any]) -> JobState: ...
+
+    @abstractmethod
+    def _delete(self, name: str, namespace: str) -> None: ...
+
+    @abstractmethod
+    def _open_log(self, pod_name: str, namespace: str) -> Any:
+        """A streaming (follow) response of the master container's log."""
+
+    # -- the life cycle ------------------------------------------------------------------------
+    def launch(self, cfg: RunConfig, stage: str, config_url: str | None = None,
+               env: dict[str, str] | None = None, variant: str = "") -> LaunchResult:
+        from versavit import storage
+
+        storage.configure(cfg.storage)
+        start = time.monotonic()
+        namespace = cfg.launch.namespace
+        name = self.job_name or make_job_name(cfg, f"{stage}-{variant}" if variant else stage)
+        if config_url is None:
+            config_url = publish_config(cfg, stage, name)
+        elif not storage.is_remote(config_url):
+            raise LaunchError(f"config_url {config_url!r} is a local path: the pods cannot read it (use s3://)")
+        job = self.build(cfg, stage, config_url, name, env, variant=variant)
+        self._connect(namespace)
+        watch = _Watch()
+        try:
+            with _sigterm_raises_interrupt(watch.cancelled):
+                # inside: a cancel that lands while the create is in flight still cleans up
+                self._create(job, namespace)
+                self.status_sink(f"created {self.kind} {namespace}/{name} ({cfg.launch.nnodes} node(s) x "
+                                 f"{cfg.launch.nproc_per_node} process(es)); config {config_url}")
+                self._wait(name, namespace, watch)
+        except KeyboardInterrupt:
+            self.status_sink(f"cancelled: deleting {self.kind} {namespace}/{name}")
+            self._delete_quietly(name, namespace)
+            raise
+        finally:
+            if watch.follower is not None:
+                watch.follower.stop()
+        try:
+            outputs = json.loads(storage.read_text(storage.join(stage_outputs_url(cfg, stage, variant), "stage.json")))
+        except storage.StorageError as exc:
+            raise LaunchError(f"{self.kind} {namespace}/{name} succeeded but its stage.json cannot be read: "
+                              f"{exc}") from exc
+        return LaunchResult(cfg.launch.backend, stage, outputs, job_name=name, namespace=namespace,
+                            config_url=config_url, elapsed_s=time.monotonic() - start)
+
+    def _wait(self, name: str, namespace: str, watch: _Watch) -> None:
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        while True:
+            if watch.cancelled.is_set():
+                raise KeyboardInterrupt("cancelled")
+            obj, pods = self._poll(name, namespace, watch)
+            if obj is not None:
+                state = self._state(obj, pods)
+                if state.summary != watch.summary:
+                    watch.summary = state.summary
+                    self.status_sink(f"{self.kind} {namespace}/{name}: {state.summary}")
+                master = next((p for p in pods if self._is_master(p)), None)
+                if self.stream_logs and master is not None:
+                    self._follow(master, namespace, watch)
+                if state.phase == "succeeded":
+                    self._drain(watch)
+                    return
+                if state.phase == "failed":
+                    self._drain(watch)
+                    raise JobFailed(self._failure_report(name, namespace, state, pods, watch))
+                if stuck := self._stuck(pods, watch):
+                    self._delete_quietly(name, namespace)
+                    raise JobFailed(f"{self.kind} {namespace}/{name} cannot start: {stuck}\n"
+                                    f"{self._pods_report(pods)}\nthe job was deleted")
+            if deadline is not None and time.monotonic() >= deadline:
+                last = f"last state: {watch.summary or 'unknown'}"
+                report = self._pods_report(pods) if obj is not None else ""
+                self._delete_quietly(name, namespace)
+                raise LaunchTimeout(f"{self.kind} {namespace}/{name} did not finish within {self.timeout_s:g} s "
+                                    f"({last}); the job was deleted" + (f"\n{report}" if report else ""))
+            pause = self.poll_interval_s if deadline is None else min(self.poll_interval_s,
+                                                                      max(0.0, deadline - time.monotonic()))
+            watch.cancelled.wait(pause)
+
+    def _poll(self, name: str, namespace: str, watch: _Watch) -> tuple[dict[str, Any] | None, list[Any]]:
+        """Job + pods; a few API errors in a row are tolerated (API server restarts, throttling)."""
+        try:
+            obj = self._read(name, namespace)
+            pods = self._pods(name, namespace)
+        except Exception as exc:
+            if _api_status(exc) == 404:
+                raise LaunchError(f"{self.kind} {namespace}/{name} disappeared (deleted outside this launcher)") \
+                    from exc
+            watch.api_errors += 1
+            if watch.api_errors > self.max_api_errors:
+                raise LaunchError(f"lost the Kubernetes API while watching {self.kind} {namespace}/{name}: "
+                                  f"{exc}") from exc
+            return None, []
+        watch.api_errors = 0
+        return obj, pods
+
+    def _follow(self, master: Any, namespace: str, watch: _Watch) -> None:
+        """Start following the master's log once it runs; again after an in-place restart."""
+        phase = _get(master, "status", "phase")
+        if phase not in ("Running", "Succeeded", "Failed"):
+            return
+        restarts = sum(cs.restart_count or 0 for cs in _get(master, "status", "container_statuses") or [])
+        key = (master.metadata.name, restarts)
+        if key == watch.followed or (watch.follower is not None and watch.follower.is_alive()):
+            return
+        pod_name = master.metadata.name
+        watch.follower = _LogFollower(lambda: self._open_log(pod_name, namespace), self.log_sink, watch.tail)
+        watch.followed = key
+        watch.follower.start()
+
+    @staticmethod
+    def _drain(watch: _Watch, timeout_s: float = 10.0) -> None:
+        """Let the follower print the log's last lines (the stream ends when the container does)."""
+        if watch.follower is not None:
+            watch.follower.join(timeout_s)
+
+    def _stuck(self, pods: list[Any], watch: _Watch) -> str | None:
+        now = time.monotonic()
+        for pod in pods:
+            reason = _stuck_reason(pod)
+            key = pod.metadata.name
+            if reason is None:
+                watch.stuck_since.pop(key, None)
+                continue
+            since = watch.stuck_since.setdefault(key, now)
+            if now - since >= self.stuck_grace_s:
+                return f"pod {key}: {reason}"
+        return None
+
+    def _pods_report(self, pods: list[Any]) -> str:
+        ordered = sorted(pods, key=lambda p: (not self._is_master(p), p.metadata.name))
+        return "\n".join(describe_pod(p) for p in ordered)
+
+    def _failure_report(self, name: str, namespace: str, state: JobState, pods: list[Any], watch: _Watch) -> str:
+        head = f"{self.kind} {namespace}/{name} failed"
+        if state.reason or state.message:
+            head += f": {state.reason}" + (f": {state.message}" if state.message else "")
+        # the pods that say something: failed ones first, the master always
+        telling = [p for p in pods if self._is_master(p) or _get(p, "status", "phase") == "Failed"
+                   or _has_termination_message(p)]
+        parts = [head]
+        if telling:
+            parts.append(self._pods_report(telling))
+        if watch.tail and not any(_has_termination_message(p) for p in telling):
+            parts.append("last lines of the master's log:")
+            parts += [f"    {ln}" for ln in list(watch.tail)[-20:] if ln.strip()]
+        return "\n".join(parts)
+
+    def _delete_quietly(self, name: str, namespace: str) -> None:
+        try:
+            self._delete(name, namespace)
+        except Exception as exc:  # the original error matters more; say what is left behind
+            if _api_status(exc) != 404:
+                self.status_sink(f"could not delete {self.kind} {namespace}/{name}: {exc} "
+                                 f"(delete it by hand: kubectl -n {namespace} delete {self.kind.lower()} {name})")
+
+
+def _api_status(exc: BaseException) -> int | None:
+    """HTTP status of a kubernetes ApiException, also when an SDK wrapped it in RuntimeError."""
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 5:
+        status = getattr(cur, "status", None)
+        if isinstance(status, int):
+            return status
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return None
+
+
+def create_error(kind: str, namespace: str, name: str, exc: BaseException) -> LaunchError:
+    """A create failure with what usually causes it."""
+    status = _api_status(exc)
+    hint = {
+        403: f"the service account may not create {kind}s in namespace {namespace!r} (see manifests/base/rbac.yaml)",
+        404: f"the {kind} API is not served: is its operator installed, and does namespace {namespace!r} exist?",
+        409: "a job of that name exists already",
+        422: "the API server rejected the object (schema validation)",
+    }.get(status or 0, "")
+    return LaunchError(f"cannot create {kind} {namespace}/{name}: {exc}" + (f"\n  hint: {hint}" if hint else ""))
