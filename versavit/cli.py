@@ -183,7 +183,9 @@ app.add_typer(label_app, name="label")
 
 LabelInputOpt = typer.Option(..., "--input", "-i", help="input dataset URL (folder with manifest.json)")
 LabelOutputOpt = typer.Option(..., "--output", "-o", help="output dataset URL (same shards, fields added)")
-ShardIndexOpt = typer.Option(0, "--shard-index", min=0, help="this worker's index (takes shards[i::n])")
+ShardIndexOpt = typer.Option(0, "--shard-index", min=0, envvar="JOB_COMPLETION_INDEX",
+                             help="this worker's index: it takes shards i, i+n, i+2n, ... "
+                             "(a Kubernetes Indexed Job sets it)")
 NumShardsOpt = typer.Option(1, "--num-shards", min=1, help="number of workers sharing the job")
 FinalizeOpt = typer.Option(False, "--finalize", help="only write the output manifest (all shards must be done)")
 
@@ -197,12 +199,13 @@ def _label(kind: str, config: Path | None, input_url: str, output_url: str, shar
 
     cfg = _load(config, overrides)
     if shard_index >= num_shards:
-        raise typer.BadParameter(f"--shard-index {shard_index} must be < --num-shards {num_shards}")
+        raise ConfigError(f"--shard-index {shard_index} must be < --num-shards {num_shards}")
     if finalize:
         manifest, missing = finalize_dataset(kind, input_url, output_url, cfg.labeling)
-        if manifest is None:
-            console.print(f"[red]not finalized[/red]: {len(missing)} shard(s) not done yet: {missing[:20]}")
-            raise typer.Exit(1)
+        if manifest is None:  # a ClickException: main() turns it into exit status 1 with this message
+            import click
+
+            raise click.ClickException(f"not finalized: {len(missing)} shard(s) not done yet: {missing[:20]}")
         console.print(f"{kind}: manifest written, {manifest.num_samples} samples in {len(manifest.shards)} shard(s)"
                       f" at {output_url}")
         return
@@ -213,7 +216,8 @@ def _label(kind: str, config: Path | None, input_url: str, output_url: str, shar
         tracker = make_tracker(cfg)
         run = tracker.start_stage_run(f"label_{kind}", tracker.parent_from_env(),
                                       tags={"versavit.shard_index": str(shard_index),
-                                            "versavit.num_shards": str(num_shards)})
+                                            "versavit.num_shards": str(num_shards),
+                                            "versavit.label.input": input_url, "versavit.label.output": output_url})
     status = "FAILED"
     try:
         with progress_bar() as bar:
@@ -225,6 +229,12 @@ def _label(kind: str, config: Path | None, input_url: str, output_url: str, shar
             summary = label_dataset(kind, input_url, output_url, cfg.labeling, shard_index, num_shards,
                                     progress=report, tracker=tracker, run=run,
                                     max_corrupt_fraction=cfg.data.max_corrupt_fraction)
+        if tracker is not None and run is not None and summary["manifest"]:  # lineage: the finished dataset
+            from versavit.data.shards import read_manifest
+
+            out = read_manifest(output_url)
+            tracker.log_dataset(run, out.name, output_url, out.digest, context="labelled",
+                                num_samples=out.num_samples)
         status = "FINISHED"
     finally:
         if tracker is not None and run is not None:
@@ -236,7 +246,7 @@ def _label(kind: str, config: Path | None, input_url: str, output_url: str, shar
     table.add_row("shards_processed", str(len(summary["shards_processed"])))
     for key, value in summary["counts"].items():
         table.add_row(key, str(value))
-    table.add_row("images/s", f"{summary['images_per_s']:.2f}")
+    table.add_row("images/s", f"{summary['images_per_s']:.2f} (teacher loading: {summary['teacher_load_s']:.1f} s)")
     table.add_row("manifest", summary["manifest"] or f"not yet ({len(summary['shards_missing'])} shard(s) missing)")
     console.print(table)
 
@@ -269,8 +279,53 @@ def label_describe(config: Path = ConfigOpt, input_url: str = LabelInputOpt, out
 def label_embed(config: Path = ConfigOpt, input_url: str = LabelInputOpt, output_url: str = LabelOutputOpt,
                 shard_index: int = ShardIndexOpt, num_shards: int = NumShardsOpt, finalize: bool = FinalizeOpt,
                 overrides: list[str] = OverridesArg) -> None:
-    """Text embeddings of every referring expression (emb.npy, row i = objects[i])."""
+    """Text embeddings of every referring expression (emb.npy: one row per object)."""
     _label("embed", config, input_url, output_url, shard_index, num_shards, finalize, overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# eval: linear probes, zero-shot depth, referring segmentation, comparison report (versavit.eval)
+
+
+@app.command("eval")
+def eval_command(
+    config: Path = ConfigOpt,
+    trained: str | None = typer.Option(None, "--trained", help="trained export or backbone URL "
+                                       "(default: <workdir>/stages/multitask/export)"),
+    baseline: str | None = typer.Option(None, "--baseline", help="baseline backbone URL or hub id (default: "
+                                        "eval.baseline_backbone, else what the multi-task stage started from)"),
+    export: list[str] = typer.Option(None, "--export", help="NAME=URL, repeatable: compare these named exports "
+                                     "(Table 4 ablation) instead of the trained one; the baseline stays the reference "
+                                     "unless --no-baseline"),
+    with_baseline: bool = typer.Option(True, "--with-baseline/--no-baseline", help="include the baseline row"),
+    out: Path | None = typer.Option(None, "--out", help="report folder (default: <workdir>/reports/eval)"),
+    overrides: list[str] = OverridesArg,
+) -> None:
+    """Evaluate backbones on eval.benchmarks: linear probes, zero-shot depth, referring segmentation; write the
+    comparison report (markdown + JSON + figures) and log every metric to MLflow."""
+    from versavit.eval.run import baseline_candidate, compare_backbones, resolve_candidate, run_eval
+    from versavit.eval.run import cache_dir as eval_cache_dir
+
+    cfg = _load(config, overrides)
+    if export:
+        named: dict = {}
+        for item in export:
+            name, sep, url = item.partition("=")
+            if not sep or not name.strip() or not url.strip():
+                raise ConfigError(f"--export {item!r} is not of the form NAME=URL")
+            named[name.strip()] = url.strip()
+        backbones: dict = {}
+        if with_baseline:
+            backbones["baseline"] = (resolve_candidate("baseline", baseline, eval_cache_dir(cfg)) if baseline
+                                     else baseline_candidate(cfg))
+        backbones.update(named)
+        result = compare_backbones(backbones, cfg, out_dir=out)
+    else:
+        if not with_baseline:
+            raise ConfigError("--no-baseline applies to --export comparisons (baseline vs trained needs the baseline)")
+        result = run_eval(cfg, trained=trained, baseline=baseline, out_dir=out)
+    console.print(Path(result["out_dir"], "comparison.md").read_text(), markup=False, highlight=False)
+    console.print(f"report: {result['out_dir']} ({len(result['files'])} files); MLflow run {result['mlflow_run_id']}")
 
 
 def main() -> None:
@@ -282,7 +337,9 @@ def main() -> None:
     from versavit.launch import LaunchError
 
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # without standalone mode click returns Exit codes
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except ConfigError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         sys.exit(2)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from versavit import storage
 from versavit.config.schema import RunConfig
 from versavit.data.build import labelled_root, synthetic_root
+from versavit.data.codecs import decode_rle
 from versavit.data.loader import CorruptionStats, make_loader, shard_pipeline
 from versavit.data.shards import resolve_shards
 
@@ -81,9 +82,11 @@ def refseg_view(sample: dict[str, Any], resolution: int, seed: int = 0) -> dict[
                        "run `versavit label embed` on this dataset first")
     emb = np.atleast_2d(emb)
     objects = meta.get("objects") or []
-    if "inst.png" in sample and objects:
+    if objects and ("inst.png" in sample or all("segmentation" in o for o in objects)):
         k = int(sample_rng(seed, sample).integers(len(objects)))
-        mask = sample["inst.png"] == objects[k]["id"]
+        # an object's own RLE is exact where masks overlap; the instance map keeps the visible part
+        seg = objects[k].get("segmentation")
+        mask = decode_rle(seg) if seg is not None else sample["inst.png"] == objects[k]["id"]
         expression = objects[k]["expression"]
     elif "mask.png" in sample:
         k, mask, expression = 0, sample["mask.png"] > 0, meta.get("expression", "")

@@ -8,14 +8,10 @@ head then sees inputs of one scale whatever the embedder.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 
 from versavit.labeling.runtime import inference_dtype, load_failed, resolve_device
-
-log = logging.getLogger(__name__)
 
 BUNDLED_ALIASES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
 

@@ -126,6 +126,7 @@ class Labeler:
     def __init__(self, cfg: LabelingConfig, teacher: Any = None):
         self.cfg = cfg
         self._teacher = teacher
+        self.load_seconds = 0.0  # kept out of images/s: loading is a one-off, not throughput
 
     @property
     def precision(self) -> str:
@@ -134,7 +135,9 @@ class Labeler:
     @property
     def teacher(self) -> Any:
         if self._teacher is None:
+            start = time.perf_counter()
             self._teacher = self.load()
+            self.load_seconds += time.perf_counter() - start
         return self._teacher
 
     def load(self) -> Any:
@@ -342,10 +345,6 @@ def make_labeler(kind: str, cfg: LabelingConfig, teacher: Any = None) -> Labeler
 # ------------------------------------------------------------------------------------ shards
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
-
-
 def done_url(output_url: str, index: int) -> str:
     return storage.join(output_url, DONE_DIR, f"shard-{index:06d}.json")
 
@@ -387,7 +386,7 @@ def _label_shard(index: int, in_url: str, output_url: str, labeler: Labeler, bat
     counts: Counter = Counter()
     skipped_before = stats.skipped
     fields: set[str] = set()
-    start = time.perf_counter()
+    start, loading_before = time.perf_counter(), labeler.load_seconds
     with ShardWriter(output_url, samples_per_shard=_ONE_SHARD, start_index=index,
                      write_manifest=False) as writer:
         batch: list[Item] = []
@@ -410,7 +409,7 @@ def _label_shard(index: int, in_url: str, output_url: str, labeler: Labeler, bat
             flush()
     counts["corrupt"] = stats.skipped - skipped_before
     info = writer.shards[0] if writer.shards else None
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - (labeler.load_seconds - loading_before)
     return {"index": index, "shard": info.name if info else None, "num_samples": info.num_samples if info else 0,
             "sha256": info.sha256 if info else None, "bytes": info.bytes if info else 0,
             "fields": sorted(fields), "counts": dict(sorted(counts.items())), "seconds": round(seconds, 3)}
@@ -422,9 +421,13 @@ def _record_valid(record: dict | None, shard: ShardInfo, signature: dict, output
             and (record.get("shard") is None or record["shard"] in outputs))
 
 
-def _read_records(output_url: str, indices: list[int]) -> dict[int, dict]:
+def _done_names(output_url: str) -> set[str]:
+    return {u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(output_url, DONE_DIR), ".json")}
+
+
+def _read_records(output_url: str, indices: list[int], present: set[str] | None = None) -> dict[int, dict]:
     """Done records of `indices` that exist (one listing, then one read per present record)."""
-    present = {u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(output_url, DONE_DIR), ".json")}
+    present = _done_names(output_url) if present is None else present
     records: dict[int, dict] = {}
     for i in indices:
         if f"shard-{i:06d}.json" in present:
@@ -464,7 +467,12 @@ def finalize_dataset(kind: str, input_url: str, output_url: str, labeling_cfg: L
     source = input_manifest or read_manifest(input_url)
     signature = make_labeler(kind, labeling_cfg).signature
     indices = list(range(len(source.shards)))
-    records = _read_records(output_url, indices)
+    present = _done_names(output_url)
+    # Every worker ends here: a listing settles "not yet" without reading a record per shard.
+    absent = [i for i in indices if f"shard-{i:06d}.json" not in present]
+    if absent:
+        return None, absent
+    records = _read_records(output_url, indices, present)
     outputs = _output_shards(output_url)
     missing = [i for i in indices if not _record_valid(records.get(i), source.shards[i], signature, outputs)]
     if missing:
@@ -558,6 +566,7 @@ def label_dataset(
         **{k: counts.get(k, 0) for k in ("samples", "labelled", "kept", "corrupt")},
         "counts": dict(sorted(counts.items())), "seconds": round(seconds, 3),
         "images_per_s": round(counts["samples"] / seconds, 3) if seconds > 0 else 0.0,
+        "teacher_load_s": round(labeler.load_seconds, 3),
         "finalized": manifest is not None, "shards_missing": missing,
         "manifest": storage.join(output_url, MANIFEST) if manifest is not None else None,
     }

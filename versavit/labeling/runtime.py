@@ -6,13 +6,10 @@ mirrored into the cluster) and a test (a tiny random model saved to a temp dir) 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -57,7 +54,3 @@ def load_failed(what: str, model_id: str, exc: BaseException) -> RuntimeError:
         f"could not load the {what} teacher {model_id!r}: {exc.__class__.__name__}: {exc}. Pass a local folder "
         "(save_pretrained layout) or a hub id reachable from this machine (HF_HUB_OFFLINE / HF_HOME)."
     )
-
-
-def describe_model(model: Any) -> str:
-    return f"{model.__class__.__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params)"

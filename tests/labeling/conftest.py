@@ -1,0 +1,47 @@
+"""Tiny random teachers saved once per session, and small synthetic datasets to label."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded: teachers load from tmp dirs
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from versavit.config.schema import LabelingConfig, SyntheticConfig, TeachersConfig  # noqa: E402
+from versavit.data.build import build_synthetic  # noqa: E402
+from versavit.labeling import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("teachers")
+    return {
+        "depth": tiny.save_tiny_depth(root / "depth"),
+        "masks": tiny.save_tiny_sam(root / "sam"),
+        "describer": tiny.save_tiny_describer(root / "describer"),
+        "embedder": tiny.save_tiny_embedder(root / "embedder"),
+    }
+
+
+def labeling_config(teachers: dict[str, str], *, use_ground_truth: bool = False, describer: bool = True,
+                    batch_size: int = 2, depth_input_size: int = 56) -> LabelingConfig:
+    """The config a real run would have, pointing at the tiny teachers' folders."""
+    return LabelingConfig(
+        use_ground_truth=use_ground_truth, batch_size=batch_size, device="cpu",
+        teachers=TeachersConfig(depth=teachers["depth"], depth_input_size=depth_input_size, masks=teachers["masks"],
+                                describer=teachers["describer"] if describer else None,
+                                embedder=teachers["embedder"]),
+    )
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> str:
+    """A synthetic train split: 8 samples of 64 px in 4 shards of 2."""
+    url = str(tmp_path / "world")
+    build_synthetic(url, SyntheticConfig(num_train=8, num_val=1, image_size=64, samples_per_shard=2, max_objects=4),
+                    splits=("train",))
+    return f"{url}/train"
