@@ -14,7 +14,7 @@ def _pipeline_func(cfg: RunConfig, pipeline: str):  # -> a @dsl.pipeline functio
     os.environ["VERSAVIT_COMPONENT_IMAGE"] = cfg.launch.image  # read when components/ is imported
     import components
 
-    if components.IMAGE != cfg.launch.image:  # components are defined at import: redefine them
+    if cfg.launch.image != components.IMAGE:  # components are defined at import: redefine them
         importlib.reload(components)
     from pipelines import PIPELINES
 

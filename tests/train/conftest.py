@@ -15,7 +15,7 @@ from versavit.data.build import build_synthetic, synthetic_root
 from versavit.data.shards import ShardWriter, read_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
-EMB_DIM = 32
+EMB_DIM = int(__import__("os").environ.get("VV_EMB_DIM", 32))
 
 
 def bag_of_words(text: str, dim: int = EMB_DIM) -> np.ndarray:

@@ -111,7 +111,8 @@ class DepthMeter:
         return {k: float(np.mean([e[k] for e in self.per_image])) for k in self.keys} | {"images": len(self.per_image)}
 
 
-def align_scale_shift(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def align_scale_shift(pred: torch.Tensor, target: torch.Tensor,
+                      valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares scale s and shift t minimising sum over valid pixels of (s * pred + t - target)^2.
 
     pred, target, valid: [B, H, W] (or [H, W]); returns s, t of shape [B] (or scalars). The closed form of

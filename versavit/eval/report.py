@@ -1,0 +1,285 @@
+"""The evaluation report: comparison tables (markdown + JSON) and figures (PNG).
+
+Tables take the shape of the paper's: rows are backbones (Table 3: Qwen2-VL ViT vs VersaViT; Table 4: one
+row per task subset of the ablation), columns are benchmark metrics; every row after the reference shows
+its delta to the reference in parentheses. mIoU, cIoU, AbsRel and delta1 are printed in percent, RMSE in
+metres (as in the paper); the JSON keeps raw fractions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# metric -> (label, higher is better, display scale, format)
+METRICS: dict[str, tuple[str, bool, float, str]] = {
+    "probe/seg_miou": ("mIoU", True, 100, ".1f"),
+    "probe/seg_acc": ("pixel acc.", True, 100, ".1f"),
+    "probe/depth_rmse": ("RMSE", False, 1, ".3f"),
+    "probe/depth_absrel": ("AbsRel", False, 100, ".1f"),
+    "probe/depth_delta1": ("δ1", True, 100, ".1f"),
+    "zeroshot/depth_absrel": ("AbsRel", False, 100, ".1f"),
+    "zeroshot/depth_delta1": ("δ1", True, 100, ".1f"),
+    "zeroshot/depth_rmse": ("RMSE", False, 1, ".3f"),
+    "refseg/ciou": ("cIoU", True, 100, ".1f"),
+    "refseg/miou": ("mIoU", True, 100, ".1f"),
+}
+SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("probe", "Linear probes, frozen backbone (paper Table 3; Table 4 for task ablations)",
+     ("probe/seg_miou", "probe/depth_rmse", "probe/depth_absrel", "probe/depth_delta1")),
+    ("zeroshot", "Zero-shot relative depth, multi-task DPT head (paper Table 9)",
+     ("zeroshot/depth_absrel", "zeroshot/depth_delta1")),
+    ("refseg", "Referring segmentation, multi-task head (paper Table 10)", ("refseg/ciou", "refseg/miou")),
+)
+BENCHMARK_LABELS = {"synthetic": "Synthetic", "ade20k": "ADE20k", "voc": "VOC", "cityscapes": "Cityscapes",
+                    "nyu": "NYUv2", "kitti": "KITTI", "refcoco": "RefCOCO", "refcoco+": "RefCOCO+",
+                    "refcocog": "RefCOCOg"}
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
+
+
+def comparison_table(metrics: Mapping[str, Mapping[str, Mapping[str, float]]], reference: str,
+                     benchmarks: Sequence[str]) -> dict[str, Any]:
+    """metrics[backbone][benchmark][metric] -> sections of columns, rows and deltas to `reference`."""
+    names = list(metrics)
+    sections = []
+    for key, title, wanted in SECTIONS:
+        columns = []
+        for bench in benchmarks:
+            for metric in wanted:
+                if any(_finite(metrics[n].get(bench, {}).get(metric)) for n in names):
+                    label, higher, _, _ = METRICS[metric]
+                    columns.append({"key": f"{bench}/{metric}", "benchmark": bench, "metric": metric,
+                                    "label": f"{BENCHMARK_LABELS.get(bench, bench)} {label}",
+                                    "higher_is_better": higher})
+        if not columns:
+            continue
+        rows = {n: {c["key"]: metrics[n].get(c["benchmark"], {}).get(c["metric"]) for c in columns} for n in names}
+        deltas = {n: {k: (v - rows[reference][k]) if _finite(v) and _finite(rows[reference].get(k)) else None
+                      for k, v in rows[n].items()} for n in names if n != reference}
+        sections.append({"key": key, "title": title, "columns": columns, "rows": rows, "deltas": deltas})
+    return {"reference": reference, "backbones": names, "sections": sections}
+
+
+def _cell(metric: str, value: Any, delta: Any = None) -> str:
+    if not _finite(value):
+        return "–"
+    _, _, scale, fmt = METRICS[metric]
+    text = format(value * scale, fmt)
+    if _finite(delta):
+        text += f" ({delta * scale:+{fmt}})"
+    return text
+
+
+def to_markdown(table: Mapping[str, Any], sources: Mapping[str, str], title: str, notes: Sequence[str] = ()) -> str:
+    """The comparison as markdown: one table per section, backbones listed with where they came from."""
+    lines = [f"# {title}", ""]
+    lines += [f"- **{name}**: {sources.get(name, '')}" for name in table["backbones"]]
+    lines += ["", f"Deltas in parentheses are against **{table['reference']}**; ↑ higher is better, ↓ lower is better. "
+              "mIoU, cIoU, AbsRel and δ1 in %, RMSE in metres.", ""]
+    for section in table["sections"]:
+        cols = section["columns"]
+        lines += [f"## {section['title']}", ""]
+        lines.append("| backbone | " + " | ".join(f"{c['label']} {'↑' if c['higher_is_better'] else '↓'}"
+                                                 for c in cols) + " |")
+        lines.append("|---|" + "---|" * len(cols))
+        for name in table["backbones"]:
+            deltas = section["deltas"].get(name, {})
+            cells = [_cell(c["metric"], section["rows"][name][c["key"]], deltas.get(c["key"])) for c in cols]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def write_tables(out_dir: Path, table: Mapping[str, Any], results: Mapping[str, Any], sources: Mapping[str, str],
+                 title: str, notes: Sequence[str] = ()) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / "comparison.md"
+    md.write_text(to_markdown(table, sources, title, notes))
+    js = out_dir / "comparison.json"
+    js.write_text(json.dumps({"table": table, **results}, indent=1, default=_json_default))
+    return [md, js]
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+# ------------------------------------------------------------------------------------------------
+# figures (matplotlib, headless)
+
+
+def _plt():  # noqa: ANN202 - matplotlib's pyplot module
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def palette(n: int) -> np.ndarray:
+    """n distinct, reproducible RGB colours (uint8)."""
+    base = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
+                     [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128],
+                     [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0], [170, 255, 195],
+                     [128, 128, 0], [255, 215, 180], [0, 0, 128], [128, 128, 128]], np.uint8)
+    if n <= len(base):
+        return base[:n]
+    extra = np.random.default_rng(0).integers(0, 256, (n - len(base), 3), dtype=np.uint8)
+    return np.concatenate([base, extra])
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, num_classes: int, ignore_index: int = 255,
+            alpha: float = 0.55) -> np.ndarray:
+    """Class colours blended over the image; ignored pixels keep the image."""
+    colours = palette(num_classes)
+    out = image.astype(np.float32).copy()
+    keep = labels != ignore_index
+    out[keep] = (1 - alpha) * out[keep] + alpha * colours[np.clip(labels[keep], 0, num_classes - 1)]
+    return out.round().astype(np.uint8)
+
+
+def mask_overlay(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (255, 40, 40),
+                 alpha: float = 0.55) -> np.ndarray:
+    out = image.astype(np.float32).copy()
+    out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(colour, np.float32)
+    return out.round().astype(np.uint8)
+
+
+def _resize_rgb(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if image.shape[:2] == shape:
+        return image
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((shape[1], shape[0]), Image.BILINEAR))
+
+
+def _grid(rows: list[list[tuple[str, np.ndarray, dict]]], path: Path, suptitle: str, cell: float = 2.4) -> Path:
+    """rows of (title, array, imshow kwargs) panels -> one PNG."""
+    plt = _plt()
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols, cell * n_rows + 0.4), squeeze=False)
+    for r, row in enumerate(rows):
+        for c in range(n_cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(row):
+                title, array, kwargs = row[c]
+                ax.imshow(array, **kwargs)
+                ax.set_title(title, fontsize=8)
+    fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the suptitle
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def depth_figure(path: Path, images: Sequence[np.ndarray], gts: Sequence[np.ndarray], valids: Sequence[np.ndarray],
+                 preds: Mapping[str, Sequence[np.ndarray]], title: str) -> Path:
+    """Per example: input, ground-truth depth, then each prediction (same colour range as the ground truth)."""
+    rows = []
+    for i, (image, gt, valid) in enumerate(zip(images, gts, valids, strict=False)):
+        vmin, vmax = (float(gt[valid].min()), float(gt[valid].max())) if valid.any() else (0.0, 1.0)
+        style = {"cmap": "magma_r", "vmin": vmin, "vmax": vmax}
+        row = [("input", _resize_rgb(image, gt.shape), {}),
+               ("ground truth (m)", np.ma.masked_where(~valid, gt), style)]
+        for name, maps in preds.items():
+            if i < len(maps):
+                row.append((name, maps[i], style))
+        rows.append(row)
+    return _grid(rows, path, title)
+
+
+def seg_figure(path: Path, images: Sequence[np.ndarray], gts: Sequence[np.ndarray],
+               preds: Mapping[str, Sequence[np.ndarray]], num_classes: int, title: str) -> Path:
+    """Per example: input, ground-truth overlay, each backbone's probe prediction as an overlay."""
+    rows = []
+    for i, (image, gt) in enumerate(zip(images, gts, strict=False)):
+        image = _resize_rgb(image, gt.shape)
+        row = [("input", image, {}), ("ground truth", overlay(image, gt, num_classes), {})]
+        for name, maps in preds.items():
+            if i < len(maps):
+                row.append((name, overlay(image, maps[i], num_classes), {}))
+        rows.append(row)
+    return _grid(rows, path, title)
+
+
+def refseg_figure(path: Path, examples: Mapping[str, Mapping[str, Sequence[Any]]], title: str) -> Path:
+    """Per backbone and query: ground-truth mask (green) and prediction (red), expression and IoU as titles."""
+    rows = []
+    for name, ex in examples.items():
+        row = []
+        for image, gt, pred, sentence, iou in zip(ex["image"], ex["gt"], ex["pred"], ex["sentence"], ex["iou"],
+                                                  strict=False):
+            image = _resize_rgb(np.asarray(image), np.asarray(gt).shape)
+            both = mask_overlay(mask_overlay(image, np.asarray(gt), (40, 200, 40), 0.45), np.asarray(pred),
+                                (255, 40, 40), 0.45)
+            text = sentence if len(sentence) <= 36 else sentence[:33] + "..."
+            row.append((f"{name}: {text}\nIoU {iou:.2f}", both, {}))
+        if row:
+            rows.append(row)
+    return _grid(rows, path, title + " (green: truth, red: prediction)", cell=2.8)
+
+
+def curves_figure(path: Path, curves: Mapping[str, Mapping[str, Sequence[float]]], title: str,
+                  xlabel: str = "step", smooth: int = 1) -> Path:
+    """One panel per group (e.g. a probe task), one line per series (e.g. a backbone)."""
+    plt = _plt()
+    groups = [g for g, series in curves.items() if any(len(v) for v in series.values())]
+    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(4.2 * max(1, len(groups)), 3.2), squeeze=False)
+    for ax, group in zip(axes[0], groups, strict=False):
+        for name, values in curves[group].items():
+            v = np.asarray(values, dtype=float)
+            if v.size == 0:
+                continue
+            if smooth > 1 and v.size > smooth:
+                v = np.convolve(v, np.ones(smooth) / smooth, mode="valid")
+            ax.plot(np.arange(1, v.size + 1), v, label=name, linewidth=1.2)
+        ax.set_title(group, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def training_curves(sources: Mapping[str, Path], out: Path, stages: Sequence[str] = ("warmup", "multitask")
+                    ) -> Path | None:
+    """Training loss curves from <workdir>/reports/<stage>/metrics.jsonl of each source (label -> reports folder):
+    one panel per stage and loss, one line per source (e.g. per ablation run)."""
+    curves: dict[str, dict[str, list[float]]] = {}
+    for label, reports_root in sources.items():
+        for stage in stages:
+            path = Path(reports_root) / stage / "metrics.jsonl"
+            if not path.is_file():
+                continue
+            by_step: dict[int, dict] = {}
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    point = json.loads(line)
+                    by_step[int(point.get("step", 0))] = point  # a resumed run re-logs steps: the last wins
+            for step in sorted(by_step):
+                for k, v in by_step[step].items():
+                    if k.startswith("loss/") and _finite(v):
+                        curves.setdefault(f"{stage}: {k.removeprefix('loss/')}", {}).setdefault(label, []).append(
+                            float(v))
+    if not curves:
+        return None
+    return curves_figure(out, curves, "training losses (reports/<stage>/metrics.jsonl)")
