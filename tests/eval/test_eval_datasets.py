@@ -208,3 +208,25 @@ def test_registry(tmp_path: Path, eval_run: Path) -> None:
 
     with pytest.raises(StorageError, match="not a folder"):
         open_benchmark(f"kitti={tmp_path / 'nowhere'}", str(eval_run))
+
+
+def test_synthetic_embeddings_from_the_labelled_copy(tmp_path: Path) -> None:
+    """Ground truth comes from the rendered world, text embeddings from the label stage's copy (by key)."""
+    import shutil
+
+    from eval_helpers import add_embeddings
+
+    from versavit.config.schema import SyntheticConfig
+    from versavit.data.build import build_synthetic, labelled_root, synthetic_root
+
+    build_synthetic(synthetic_root(str(tmp_path)), SyntheticConfig(num_train=2, num_val=3, image_size=40))
+    plain = open_benchmark("synthetic", str(tmp_path))
+    assert not plain.eval.has_embeddings and "embeddings" not in next(iter(plain.eval))[1]
+    labelled = Path(labelled_root(str(tmp_path))) / "val"
+    shutil.copytree(Path(synthetic_root(str(tmp_path))) / "val", labelled)
+    add_embeddings(str(labelled))
+    bench = open_benchmark("synthetic", str(tmp_path))
+    assert bench.eval.has_embeddings and bench.eval.url == plain.eval.url and len(bench.train) == 2
+    assert bench.eval.digest() == plain.eval.digest()  # same images and truth: the feature cache is reused
+    for _, target in bench.eval:
+        assert target["embeddings"].shape == (len(target["masks"]), 16)

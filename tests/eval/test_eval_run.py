@@ -192,3 +192,24 @@ def test_published_layouts_end_to_end(eval_run: Path, tmp_path: Path, monkeypatc
                             out_dir=tmp_path / "report2")
     assert "refseg/ciou" not in res["metrics"]["trained"].get("refcoco", {})
     assert any("cannot be loaded" in n for n in res["notes"])
+
+
+def test_run_eval_with_stage_exports(eval_run: Path, tmp_path: Path) -> None:
+    """What the pipeline's evaluation component passes: variant -> export URL of each training stage."""
+    import shutil
+
+    workdir = tmp_path / "ablation"
+    shutil.copytree(eval_run / "data", workdir / "data")
+    cfg = eval_config(workdir, "eval.probe.epochs=1", "tracking.enabled=false")
+    exports = {}
+    for seed, (variant, tasks) in enumerate((("caption", ("caption",)), ("all", ("caption", "depth", "refseg")))):
+        exports[variant] = str(workdir / "stages" / f"multitask-{variant}" / "export")
+        save_export(cfg, exports[variant], seed=seed, tasks=tasks)
+        metrics = workdir / "reports" / f"multitask-{variant}" / "metrics.jsonl"
+        metrics.parent.mkdir(parents=True)
+        metrics.write_text("\n".join(json.dumps({"step": s, "loss/caption": (seed + 1) / s}) for s in (1, 2)))
+    res = run_eval(cfg, exports=exports)
+    assert res["table"]["backbones"] == ["baseline", "caption", "all"] and res["reference"] == "baseline"
+    assert res["report_dir"] == str(workdir / "reports" / "eval")
+    assert (workdir / "reports/eval/figures/training_losses.png").is_file()
+    assert run_eval(cfg, exports={"": exports["all"]})["table"]["backbones"] == ["baseline", "trained"]

@@ -260,26 +260,22 @@ def curves_figure(path: Path, curves: Mapping[str, Mapping[str, Sequence[float]]
     return path
 
 
-def training_curves(sources: Mapping[str, Path], out: Path, stages: Sequence[str] = ("warmup", "multitask")
-                    ) -> Path | None:
-    """Training loss curves from <workdir>/reports/<stage>/metrics.jsonl of each source (label -> reports folder):
-    one panel per stage and loss, one line per source (e.g. per ablation run)."""
+def training_curves(files: Mapping[str, Path], out: Path) -> Path | None:
+    """Training loss curves from metrics.jsonl files of training runs (label -> path; missing files are
+    skipped): one panel per loss (caption, depth, refseg, total), one line per run."""
     curves: dict[str, dict[str, list[float]]] = {}
-    for label, reports_root in sources.items():
-        for stage in stages:
-            path = Path(reports_root) / stage / "metrics.jsonl"
-            if not path.is_file():
-                continue
-            by_step: dict[int, dict] = {}
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    point = json.loads(line)
-                    by_step[int(point.get("step", 0))] = point  # a resumed run re-logs steps: the last wins
-            for step in sorted(by_step):
-                for k, v in by_step[step].items():
-                    if k.startswith("loss/") and _finite(v):
-                        curves.setdefault(f"{stage}: {k.removeprefix('loss/')}", {}).setdefault(label, []).append(
-                            float(v))
+    for label, path in files.items():
+        if not Path(path).is_file():
+            continue
+        by_step: dict[int, dict] = {}
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                point = json.loads(line)
+                by_step[int(point.get("step", 0))] = point  # a resumed run re-logs steps: the last record wins
+        for step in sorted(by_step):
+            for k, v in by_step[step].items():
+                if k.startswith("loss/") and _finite(v):
+                    curves.setdefault(f"{k.removeprefix('loss/')} loss", {}).setdefault(label, []).append(float(v))
     if not curves:
         return None
     return curves_figure(out, curves, "training losses (reports/<stage>/metrics.jsonl)")

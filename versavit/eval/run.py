@@ -303,7 +303,7 @@ def compare_backbones(backbones: Mapping[str, str | VisionBackbone | Candidate],
     finally:
         tracker.close()
     return {**results, "table": table, "files": [str(f) for f in files], "out_dir": str(out),
-            "mlflow_run_id": run.run_id}
+            "report_dir": str(out), "mlflow_run_id": run.run_id}
 
 
 def _log_metrics(tracker: Any, run: Any, metrics: dict, table: dict, extras: dict) -> None:
@@ -372,13 +372,16 @@ def _figures(out: Path, benches: list[Benchmark], extras: dict, cfg: RunConfig,
         if curves:
             files.append(report.curves_figure(out / f"probe_loss_{bench.name}.png", curves,
                                               f"{bench.name}: linear-probe training loss (same seed and schedule)"))
-    sources = {"this run": reports_dir(cfg, "eval").parent}
-    for cand in candidates:  # an export at <workdir>/stages/<stage>/export: that run's curves too (ablations)
-        if cand.export is not None and cand.export.parent.parent.name == "stages":
-            root = cand.export.parents[2] / "reports"
-            if root.resolve() != sources["this run"].resolve() and root.is_dir():
-                sources[cand.name] = root
-    training = report.training_curves(sources, out / "training_losses.png")
+    # training runs write <workdir>/reports/<stage dir>/metrics.jsonl; an export at <wd>/stages/<dir>/export
+    # (multitask, multitask-<variant> of the ablation) names its own run's file
+    reports = reports_dir(cfg, "eval").parent
+    logs = {"warm-up": reports / "warmup" / "metrics.jsonl"}
+    for cand in candidates:
+        if cand.export is not None and cand.export.name == "export" and cand.export.parent.parent.name == "stages":
+            logs[cand.name] = cand.export.parents[2] / "reports" / cand.export.parent.name / "metrics.jsonl"
+    if len(logs) == 1:
+        logs["multi-task"] = reports / "multitask" / "metrics.jsonl"
+    training = report.training_curves(logs, out / "training_losses.png")
     if training:
         files.append(training)
     return files
@@ -394,11 +397,23 @@ def _resized(maps: list[np.ndarray], size: int) -> list[np.ndarray]:
 
 
 def run_eval(cfg: RunConfig, trained: str | None = None, baseline: str | VisionBackbone | None = None,
-             extra: Mapping[str, str] | None = None, out_dir: str | Path | None = None) -> dict[str, Any]:
-    """The evaluation stage: baseline vs trained backbone (plus any `extra` named exports) on eval.benchmarks."""
+             extra: Mapping[str, str] | None = None, out_dir: str | Path | None = None,
+             exports: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The evaluation stage: the baseline (the reference) vs the trained backbone, on eval.benchmarks.
+
+    exports: variant -> export URL, as training stages return them (variant "" = the plain multi-task stage,
+    shown as "trained"; the ablation's "caption", "caption-depth", "all" keep their names); replaces `trained`.
+    extra: more named backbones appended to the comparison."""
     storage.configure(cfg.storage)
     base = baseline_candidate(cfg) if baseline is None else resolve_candidate("baseline", baseline, cache_dir(cfg))
-    backbones: dict[str, str | VisionBackbone | Candidate] = {"baseline": base,
-                                                              "trained": trained_candidate(cfg, trained)}
+    backbones: dict[str, str | VisionBackbone | Candidate] = {"baseline": base}
+    if exports:
+        for variant, url in exports.items():
+            name = variant or "trained"
+            if name in backbones:
+                raise ValueError(f"backbone name {name!r} appears twice")
+            backbones[name] = url
+    else:
+        backbones["trained"] = trained_candidate(cfg, trained)
     backbones.update(extra or {})
     return compare_backbones(backbones, cfg, reference="baseline", out_dir=out_dir)

@@ -23,8 +23,9 @@ from versavit.models.heads.refseg import RefSegHead
 
 class VersaViT(nn.Module):
     def __init__(self, backbone: VisionBackbone, heads: dict[str, nn.Module], depth_layers: list[int],
-                 weights: LossWeights | None = None):
+                 weights: LossWeights | None = None, depth_target: str = "depth"):
         super().__init__()
+        self.depth_target = depth_target  # the space the depth head is trained in: depth or disparity
         weights = weights or LossWeights()
         self.backbone = backbone
         self.heads = nn.ModuleDict(heads)
@@ -50,7 +51,7 @@ class VersaViT(nn.Module):
             heads["depth"] = DepthHead(cfg.heads.depth, embed_dim=dim, num_layers=len(layers)).to(dtype)
         if "refseg" in tasks:
             heads["refseg"] = RefSegHead(cfg.heads.refseg, embed_dim=dim).to(dtype)
-        return cls(backbone, heads, layers, weights)
+        return cls(backbone, heads, layers, weights, depth_target=cfg.heads.depth.target)
 
     # ---------------------------------------------------------------- parameter sets
     def backbone_group(self) -> list[nn.Parameter]:
@@ -108,7 +109,8 @@ class VersaViT(nn.Module):
             else:
                 (root / name).mkdir(exist_ok=True)
                 torch.save(head.state_dict(), root / name / "head.pt")
-        (root / "versavit.json").write_text(json.dumps({"heads": list(self.heads), "depth_layers": self.depth_layers}))
+        (root / "versavit.json").write_text(json.dumps({"heads": list(self.heads), "depth_layers": self.depth_layers,
+                                                        "depth_target": self.depth_target}))
 
     @classmethod
     def from_export(cls, path: str, cfg: ModelConfig, heads: list[str] | None = None,
@@ -137,4 +139,4 @@ class VersaViT(nn.Module):
                 if name == "depth" else RefSegHead(cfg.heads.refseg, embed_dim=backbone.embed_dim)
             head.load_state_dict(torch.load(root / name / "head.pt", map_location="cpu", weights_only=True))
             built[name] = head.to(dtype)
-        return cls(backbone, built, layers)
+        return cls(backbone, built, layers, depth_target=meta.get("depth_target", cfg.heads.depth.target))

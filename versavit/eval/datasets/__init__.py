@@ -2,7 +2,8 @@
 
 An entry is `name` or `name=root` (a local folder; for `synthetic` a shard dataset URL prefix holding
 train/ and val/). Without a root, file-layout benchmarks are looked up under $VERSAVIT_DATA_ROOT (default
-./data) in the folder named below, and `synthetic` is the run's own world (<workdir>/data/synthetic).
+./data) in the folder named below, and `synthetic` is the run's own world (<workdir>/data/synthetic: exact
+ground truth), with the text embeddings of the label stage's copy (<workdir>/data/labelled) when it exists.
 
     name        reader       probe train / eval split     folder under the data root
     synthetic   SyntheticWorld   train / val              -
@@ -81,9 +82,16 @@ def open_benchmark(spec: str, workdir: str, with_train: bool = True) -> Benchmar
     entry = BENCHMARKS[name]
     if root is None:
         if name == "synthetic":
-            from versavit.data.build import synthetic_root
+            from versavit import storage
+            from versavit.data.build import labelled_root, synthetic_root
 
             root = synthetic_root(workdir)
+            # ground truth from the rendered world; text embeddings from the label stage's copy once it exists
+            labelled = storage.join(labelled_root(workdir), entry.eval_split)
+            if storage.exists(storage.join(labelled, "manifest.json")):
+                reader = SyntheticWorld(storage.join(root, entry.eval_split), entry.eval_split, labelled)
+                return Benchmark(name, root, reader, entry.make(root, entry.train_split) if with_train else None,
+                                 reader.tasks)
         else:
             root = os.path.join(os.environ.get(DATA_ROOT_ENV, "data"), entry.folder)
     reader = entry.make(root, entry.eval_split)

@@ -29,13 +29,16 @@ class SyntheticWorld(BenchmarkReader):
     ignore_index = IGNORE_INDEX
     max_depth = 10.0  # the back wall stands at 8.5-10 m
 
-    def __init__(self, url: str, split: str = "val") -> None:  # noqa: D107 - shards, not a file layout
+    def __init__(self, url: str, split: str = "val", embeddings_url: str | None = None) -> None:
+        """url: the rendered world's split (exact ground truth); embeddings_url: a labelled copy of the same
+        split whose emb.npy are attached by sample key (its depth may be a teacher's, never used here)."""
         self.url = url.rstrip("/")
-        self.root = self.url  # type: ignore[assignment]
+        self.root = self.url  # type: ignore[assignment]  # shards, not a file layout: no super().__init__
         self.split = split
         self.manifest = read_manifest(self.url)
         self.items = []
-        self.has_embeddings = "emb.npy" in self.manifest.fields
+        self.embeddings = read_manifest(embeddings_url) if embeddings_url else None
+        self.has_embeddings = "emb.npy" in (self.embeddings or self.manifest).fields
 
     def __len__(self) -> int:
         return self.manifest.num_samples
@@ -44,12 +47,21 @@ class SyntheticWorld(BenchmarkReader):
         raise TypeError("the synthetic benchmark is a stream of shards: iterate over it")
 
     def digest(self) -> str:
+        # images and ground truth only: the cached features and targets do not depend on the embeddings
         return self.manifest.digest
 
     def describe(self) -> dict:
-        return super().describe() | {"root": storage.join(self.url), "embeddings": self.has_embeddings}
+        return super().describe() | {"root": storage.join(self.url), "embeddings": self.has_embeddings,
+                                     "embeddings_from": self.embeddings.url if self.embeddings else None}
+
+    def _embeddings_by_key(self) -> dict[str, np.ndarray]:
+        if self.embeddings is None:
+            return {}
+        return {s["__key__"]: np.atleast_2d(s["emb.npy"]).astype(np.float32)
+                for s in shard_pipeline(self.embeddings.shard_urls(), split_by_node=False) if "emb.npy" in s}
 
     def __iter__(self) -> Iterator[Sample]:
+        extra = self._embeddings_by_key()
         # in shard order, one process: the same order on every call (caches and figures rely on it)
         pipeline = shard_pipeline(self.manifest.shard_urls(), split_by_node=False)
         for sample in pipeline:
@@ -68,6 +80,8 @@ class SyntheticWorld(BenchmarkReader):
             if "inst.png" in sample and objects:
                 target["masks"] = [sample["inst.png"] == o["id"] for o in objects]
                 target["sentences"] = [o.get("expression", "") for o in objects]
-                if "emb.npy" in sample:
+                if sample["__key__"] in extra:
+                    target["embeddings"] = extra[sample["__key__"]]
+                elif "emb.npy" in sample:
                     target["embeddings"] = np.atleast_2d(sample["emb.npy"]).astype(np.float32)
             yield image, target
