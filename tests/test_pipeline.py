@@ -35,7 +35,7 @@ def test_local_pipeline_records_parent_and_stage_runs(tmp_path: Path) -> None:
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["train.multitask.optim.lr_backbone"] == "0.0001"
+    assert parent.data.params["train.multitask.optim.lr_backbone"] == "0.0003"
     assert "versavit.config_hash" in parent.data.tags
     stages = {r.data.tags["versavit.stage"]: r for r in runs if r is not parent}
     assert set(stages) == {"data", "data_check"}
