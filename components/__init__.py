@@ -70,7 +70,8 @@ def label(config_json: str, dataset_url: str, parent_run_id: str, kfp_run_id: st
 def train(config_json: str, stage: str, variant: str, upstream: str, parent_run_id: str, kfp_run_id: str) -> str:
     """Train a stage (torchrun locally, a PyTorchJob/TrainJob on the cluster); returns its stage.json URL.
 
-    `upstream` is the URL this stage depends on (data or the previous stage): it orders the DAG.
+    `stage` names a stage of the config's recipe; `upstream` is the URL this stage depends on (data or the
+    previous stage): it orders the DAG.
     """
     from versavit.config import load_config_text
     from versavit.stages import stage_train

@@ -1,17 +1,19 @@
-"""KFP v2 pipeline definitions: the VersaViT run and the paper's Table 4 ablation.
+"""KFP v2 pipeline definitions: the VersaViT run, the paper's Table 4 ablation, and the recipe comparison.
 
-Both are built from a resolved `RunConfig` (`make_*_pipeline(cfg)`): the config travels as a JSON
+All are built from a resolved `RunConfig` (`make_*_pipeline(cfg)`): the config travels as a JSON
 string parameter, so the compiled pipeline is self-contained and holds no credential values
-(secrets reach the pods as env variables by secret name, through kfp-kubernetes).
+(secrets reach the pods as env variables by secret name, through kfp-kubernetes). Training tasks
+follow the config's recipe (`cfg.train.stages()`): one `train` task per stage, in order.
 """
 
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 from kfp import dsl
 
-from versavit.config import RunConfig, config_to_dict, load_config_text
+from versavit.config import RunConfig, config_to_dict, load_config, load_config_text
 
 RETRIES = 2  # stages that can fail transiently (storage, scheduling, preemption): retried with back-off
 ABLATION = {  # Table 4 of the paper: task subsets of the multi-task stage
@@ -19,6 +21,8 @@ ABLATION = {  # Table 4 of the paper: task subsets of the multi-task stage
     "caption-depth": ["caption", "depth"],
     "all": ["caption", "depth", "refseg"],
 }
+# The recipe comparison's third branch: SAILViT-style gradual refinement, unless the config has its own recipe.
+SAILVIT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "recipes" / "sailvit.yaml"
 
 
 def config_json(cfg: RunConfig) -> str:
@@ -78,17 +82,21 @@ def make_pipeline(cfg: RunConfig) -> Callable:
                 labelled = c.label(config_json=config_json, dataset_url=data.output, parent_run_id=parent,
                                    kfp_run_id=run_id).set_retry(RETRIES)
                 upstream = _cluster_settings(labelled, cfg, gpus=True).output
-            warm = c.train(config_json=config_json, stage="warmup", variant="", upstream=upstream,
-                           parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES)
-            _cluster_settings(warm, cfg)
-            multi = c.train(config_json=config_json, stage="multitask", variant="", upstream=warm.output,
-                            parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES)
-            _cluster_settings(multi, cfg)
-            ev = c.evaluate(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id,
-                            manifest_1=multi.output)
+            last = _train_chain(c, cfg, config_json, "", upstream, parent, run_id)
+            ev = c.evaluate(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id, manifest_1=last)
             _cluster_settings(ev, cfg, gpus=True)
 
     return versavit
+
+
+def _train_chain(c, cfg: RunConfig, config_json, variant: str, upstream, parent, run_id):  # noqa: ANN001, ANN202
+    """One `train` task per stage of `cfg`'s recipe, each after the previous; returns the last stage.json URL."""
+    for stage in cfg.train.stages():
+        t = c.train(config_json=config_json, stage=stage.name, variant=variant, upstream=upstream,
+                    parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES)
+        t.set_display_name(f"{stage.name}-{variant}" if variant else stage.name)
+        upstream = _cluster_settings(t, cfg).output
+    return upstream
 
 
 def make_ablation_pipeline(cfg: RunConfig) -> Callable:
@@ -96,6 +104,8 @@ def make_ablation_pipeline(cfg: RunConfig) -> Callable:
     labelled data and the warm-up checkpoint; one evaluation compares the three backbones."""
     import components as c
 
+    if cfg.train.recipe is not None:
+        raise ValueError("the ablation varies the tasks of VersaViT's multitask stage: it needs train.recipe: null")
     default = config_json(cfg)
     branches = {name: _with_overrides(default, [f"train.multitask.tasks=[{', '.join(tasks)}]"])
                 for name, tasks in ABLATION.items()}
@@ -130,4 +140,54 @@ def make_ablation_pipeline(cfg: RunConfig) -> Callable:
     return ablation
 
 
-PIPELINES = {"versavit": make_pipeline, "ablation": make_ablation_pipeline}
+def recipe_branches(cfg: RunConfig) -> dict[str, RunConfig]:
+    """variant -> branch config of the recipe comparison: VersaViT's two stages, the same with the synergy
+    regulariser, and the SAILViT-style recipe (`cfg.train.recipe` if set, else configs/recipes/sailvit.yaml's).
+    Everything but the recipe (data, model, evaluation) is `cfg`'s, so the branches differ only in training."""
+    base = config_to_dict(cfg)
+    sailvit = base["train"]["recipe"] or config_to_dict(load_config(SAILVIT_RECIPE))["train"]["recipe"]
+
+    def branch(recipe: list | None, synergy: bool) -> RunConfig:
+        train = {**base["train"], "recipe": recipe,
+                 "multitask": {**base["train"]["multitask"],
+                               "synergy": {**base["train"]["multitask"]["synergy"], "enabled": synergy}}}
+        return RunConfig.model_validate({**base, "train": train})
+
+    return {"versavit": branch(None, False), "versavit-synergy": branch(None, True), "sailvit": branch(sailvit, False)}
+
+
+def make_recipes_pipeline(cfg: RunConfig) -> Callable:
+    """VersaViT vs. VersaViT + synergy vs. the SAILViT-style recipe: three branches sharing data and labels,
+    each running its recipe's stages in order under its own variant; one evaluation compares the three
+    final backbones with the same probes, under one MLflow parent run."""
+    import components as c
+
+    default = config_json(cfg)
+    branches = {variant: (branch, config_json(branch)) for variant, branch in recipe_branches(cfg).items()}
+    synthetic = cfg.data.source == "synthetic"
+
+    @dsl.pipeline(name="versavit-recipes", description="Training recipes compared: VersaViT, VersaViT + "
+                  "cross-task synergy (VITRON), SAILViT-style gradual feature refinement")
+    def recipes(config_json: str = default):
+        run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        closer = _cluster_settings(c.close_run(config_json=config_json, kfp_run_id=run_id), cfg)
+        with dsl.ExitHandler(closer, name="track-run"):
+            opened = c.open_run(config_json=config_json, kfp_run_id=run_id).set_caching_options(False)
+            parent = _cluster_settings(opened, cfg).output
+            upstream = ""
+            if synthetic:
+                data = _cluster_settings(c.data(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id),
+                                         cfg)
+                labelled = c.label(config_json=config_json, dataset_url=data.output, parent_run_id=parent,
+                                   kfp_run_id=run_id).set_retry(RETRIES)
+                upstream = _cluster_settings(labelled, cfg, gpus=True).output
+            last = [_train_chain(c, branch, branch_json, variant, upstream, parent, run_id)
+                    for variant, (branch, branch_json) in branches.items()]
+            ev = c.evaluate(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id,
+                            manifest_1=last[0], manifest_2=last[1], manifest_3=last[2])
+            _cluster_settings(ev, cfg, gpus=True)
+
+    return recipes
+
+
+PIPELINES = {"versavit": make_pipeline, "ablation": make_ablation_pipeline, "recipes": make_recipes_pipeline}

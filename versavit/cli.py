@@ -33,6 +33,7 @@ app.add_typer(train_app, name="train")
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
 ConfigOpt = typer.Option(None, "--config", "-c", help=f"run config YAML (default: {DEFAULT_CONFIG} if present)")
+PIPELINE_HELP = "versavit | ablation (Table 4) | recipes (VersaViT vs. + synergy vs. SAILViT-style)"
 OverridesArg = typer.Argument(None, help="dotted overrides, e.g. train.multitask.max_steps=50",
                               show_default=False)
 
@@ -123,10 +124,22 @@ def train_multitask(config: Path = ConfigOpt, overrides: list[str] = OverridesAr
     _train("multitask", config, overrides)
 
 
+@train_app.command("stage")
+def train_stage(name: str = typer.Argument(..., help="a stage of the config's recipe (train.recipe)"),
+                config: Path = ConfigOpt, overrides: list[str] = OverridesArg) -> None:
+    """Any stage of the config's recipe by name, e.g. `train stage coarse --config configs/recipes/sailvit.yaml`."""
+    cfg = _load(config, overrides)
+    try:
+        cfg.train.stage(name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    _train(name, config, overrides)
+
+
 @pipeline_app.command("run")
 def pipeline_run(
     local: bool = typer.Option(False, "--local", help="run on this machine with KFP's local runner"),
-    pipeline: str = typer.Option("versavit", "--pipeline", "-p", help="versavit | ablation (Table 4)"),
+    pipeline: str = typer.Option("versavit", "--pipeline", "-p", help=PIPELINE_HELP),
     config: Path = ConfigOpt,
     overrides: list[str] = OverridesArg,
 ) -> None:
@@ -144,7 +157,7 @@ def pipeline_run(
 @pipeline_app.command("compile")
 def pipeline_compile(
     output: Path = typer.Option(Path("pipeline.yaml"), "--output", "-o", help="KFP IR YAML to write"),
-    pipeline: str = typer.Option("versavit", "--pipeline", "-p", help="versavit | ablation (Table 4)"),
+    pipeline: str = typer.Option("versavit", "--pipeline", "-p", help=PIPELINE_HELP),
     config: Path = ConfigOpt,
     overrides: list[str] = OverridesArg,
 ) -> None:
@@ -159,7 +172,7 @@ def pipeline_compile(
 @pipeline_app.command("submit")
 def pipeline_submit(
     host: str = typer.Option(..., "--host", help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80"),
-    pipeline: str = typer.Option("versavit", "--pipeline", "-p", help="versavit | ablation (Table 4)"),
+    pipeline: str = typer.Option("versavit", "--pipeline", "-p", help=PIPELINE_HELP),
     experiment: str = typer.Option("versavit", "--experiment", help="KFP experiment name"),
     namespace: str | None = typer.Option(None, "--namespace", help="KFP namespace (multi-user installs)"),
     token_env: str = typer.Option("KFP_TOKEN", "--token-env", help="env variable holding a bearer token, if any"),

@@ -123,13 +123,15 @@ def stage_label(cfg: RunConfig, dataset_url: str, parent_run_id: str | None = No
 
 def stage_train(cfg: RunConfig, stage: str, variant: str = "", parent_run_id: str | None = None,
                 kfp_run_id: str | None = None) -> str:
-    """Train `stage` (warmup | multitask) where launch.backend says; returns the URL of its stage.json.
+    """Train recipe stage `stage` (e.g. warmup | multitask, or a `train.recipe` stage) where launch.backend
+    says; returns the URL of its stage.json.
 
     A finished stage with the same config is reused; an interrupted one resumes from its checkpoint.
     """
     from versavit.launch import get_launcher
     from versavit.train.loop import stage_url
 
+    cfg.train.stage(stage)  # an unknown name fails here, before anything is launched
     _context(parent_run_id, kfp_run_id)
     storage.configure(cfg.storage)
     manifest_url = storage.join(stage_url(cfg, stage, variant), "stage.json")

@@ -93,3 +93,51 @@ def test_cli_compile_writes_yaml(tmp_path: Path) -> None:
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "registry.local/vv:9" in out.read_text()
+
+
+def test_recipes_pipeline_branches_run_their_stages_in_order(tmp_path: Path) -> None:
+    spec = compiled(tmp_path, "recipes", "configs/tiny.yaml")
+    deps = _deps(spec)
+    inner = next(t for t in spec["root"]["dag"]["tasks"].values() if "exit-handler" in t["componentRef"]["name"])
+    body = spec["components"][inner["componentRef"]["name"]]["dag"]["tasks"]
+    chains: dict[str, list[str]] = {}
+    recipes: dict[str, dict] = {}
+    for name in (n for n in deps if n.startswith("train")):
+        params = body[name]["inputs"]["parameters"]
+        variant = params["variant"]["runtimeValue"]["constant"]
+        chains.setdefault(variant, []).append(name)
+        recipes[variant] = json.loads(params["config_json"]["runtimeValue"]["constant"])["train"]
+    assert set(chains) == {"versavit", "versavit-synergy", "sailvit"}
+    stage_of = {n: body[n]["inputs"]["parameters"]["stage"]["runtimeValue"]["constant"] for v in chains
+                for n in chains[v]}
+    expected = {"versavit": ["warmup", "multitask"], "versavit-synergy": ["warmup", "multitask"],
+                "sailvit": ["coarse", "fine-top1", "fine-top2", "knowledge"]}
+    last = set()
+    for variant, tasks in chains.items():
+        # each branch is a chain: the first stage after labelling, every other after its predecessor
+        first = [t for t in tasks if "label" in deps[t]]
+        assert len(first) == 1
+        order = first
+        while len(order) < len(tasks):
+            order.append(next(t for t in tasks if order[-1] in deps[t]))
+        assert [stage_of[t] for t in order] == expected[variant]
+        last.add(order[-1])
+        assert all(not deps[t] & set(chains[o]) for o in chains if o != variant for t in tasks)  # branches apart
+    # one evaluation, after the last stage of all three branches
+    assert [n for n in deps if n.startswith("evaluate")] == ["evaluate"]
+    assert len(last) == 3 and last <= deps["evaluate"]
+    # the branches differ in their recipe only: synergy on in one, the SAILViT stages in another
+    assert recipes["versavit"]["recipe"] is None and not recipes["versavit"]["multitask"]["synergy"]["enabled"]
+    assert recipes["versavit-synergy"]["multitask"]["synergy"]["enabled"] is True
+    assert [s["name"] for s in recipes["sailvit"]["recipe"]] == expected["sailvit"]
+
+
+def test_full_pipeline_follows_an_explicit_recipe(tmp_path: Path) -> None:
+    spec = compiled(tmp_path, "versavit", "configs/recipes/sailvit.yaml")
+    deps = _deps(spec)
+    assert set(deps) == {"open-run", "data", "data-check", "label", "train", "train-2", "train-3", "train-4",
+                         "evaluate"}
+    assert "label" in deps["train"] and "train" in deps["train-2"] and "train-3" in deps["train-4"]
+    assert "train-4" in deps["evaluate"]
+    with pytest.raises(ValueError, match="ablation"):
+        compiled(tmp_path, "ablation", "configs/recipes/sailvit.yaml")

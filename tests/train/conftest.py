@@ -1,69 +1,15 @@
-"""A tiny synthetic world with text embeddings, and a tiny run config, for training tests."""
+"""Fixture of the training tests: a workdir whose data stage is done (helpers in train_helpers.py)."""
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
+from train_helpers import ROOT, add_embeddings, tiny_overrides
 
 from versavit.config import load_config
-from versavit.config.schema import RunConfig, SyntheticConfig
-from versavit.data import codecs
+from versavit.config.schema import SyntheticConfig
 from versavit.data.build import build_synthetic, synthetic_root
-from versavit.data.shards import ShardWriter, read_manifest
-
-ROOT = Path(__file__).resolve().parents[2]
-EMB_DIM = int(__import__("os").environ.get("VV_EMB_DIM", 32))
-
-
-def bag_of_words(text: str, dim: int = EMB_DIM) -> np.ndarray:
-    """Test-only text embedding: a sum of fixed random word vectors (learnable, deterministic)."""
-    vec = np.zeros(dim, np.float32)
-    for word in text.lower().split():
-        vec += np.random.default_rng(zlib.crc32(word.encode())).standard_normal(dim).astype(np.float32)
-    return vec / max(np.linalg.norm(vec), 1e-6)
-
-
-def add_embeddings(url: str) -> None:
-    """Rewrite a synthetic dataset in place with emb.npy for every object's expression."""
-    from versavit.data.loader import shard_pipeline
-
-    manifest = read_manifest(url)
-    samples = list(shard_pipeline(manifest.shard_urls(), transform=None))
-    raw = []
-    import webdataset as wds
-
-    for shard in manifest.shard_urls():
-        raw += list(wds.WebDataset(shard, shardshuffle=False, empty_check=False))
-    assert len(raw) == len(samples)
-    with ShardWriter(url, samples_per_shard=manifest.shards[0].num_samples, name=manifest.name,
-                     meta=manifest.meta) as w:
-        for r, s in zip(raw, samples, strict=True):
-            r = {k: v for k, v in r.items() if not k.startswith("__") or k == "__key__"}
-            emb = np.stack([bag_of_words(o["expression"]) for o in s["json"]["objects"]])
-            r["emb.npy"] = codecs.encode_npy(emb)
-            w.write(r)
-
-
-def tiny_overrides(workdir: Path) -> list[str]:
-    return [
-        f"workdir={workdir}", "data.num_workers=0", "data.shuffle_buffer=16",
-        "data.synthetic.num_train=48", "data.synthetic.num_val=8", "data.synthetic.image_size=56",
-        "data.synthetic.samples_per_shard=16",
-        "model.backbone.embed_dim=32", "model.backbone.depth=3", "model.backbone.num_heads=2",
-        "model.backbone.mlp_ratio=2.0",
-        "model.heads.caption.projector_hidden=32", "model.heads.caption.tiny_llm_hidden=32",
-        "model.heads.caption.tiny_llm_layers=1", "model.heads.caption.max_text_tokens=48",
-        "model.heads.depth.features=16", f"model.heads.refseg.text_dim={EMB_DIM}",
-        "model.heads.refseg.decoder_dim=32", "model.heads.refseg.decoder_depth=1",
-        "model.heads.refseg.decoder_heads=2",
-        "train.multitask.resolution={caption_max: 56, caption_min: 28, depth: 56, refseg: 56}",
-        "train.multitask.batch_size={caption: 2, depth: 4, refseg: 4}",
-        "train.warmup.micro_batch=2", "train.warmup.global_batch=4",
-        "tracking.experiment=train-test", "launch.nproc_per_node=2",
-    ]
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +22,3 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for split in ("train", "val"):
         add_embeddings(f"{root}/{split}")
     return workdir
-
-
-def tiny_config(workdir: Path, *extra: str) -> RunConfig:
-    return load_config(ROOT / "configs/tiny.yaml", [*tiny_overrides(workdir), *extra])

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from train_helpers import tiny_config
 
 from versavit.data.tasks import task_batches
 from versavit.models.multitask import VersaViT
@@ -87,7 +87,7 @@ def test_multitask_every_parameter_learns_in_its_group(tiny_world: Path) -> None
 
 
 def _train_cmd(workdir: Path, stage: str, *extra: str) -> list[str]:
-    from conftest import tiny_overrides
+    from train_helpers import tiny_overrides
 
     return [sys.executable, "-m", "versavit.cli", "train", stage, "--config", "configs/tiny.yaml",
             *tiny_overrides(workdir), *extra]

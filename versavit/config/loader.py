@@ -33,21 +33,48 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return keys, value
 
 
+def _list_index(items: list, key: str, text: str, where: str) -> int:
+    """A list level of an override: an index (`train.recipe.1`) or a `name` (`train.recipe.coarse`)."""
+    if key.lstrip("-").isdigit() and -len(items) <= int(key) < len(items):
+        return int(key) % len(items)
+    named = [i for i, item in enumerate(items) if isinstance(item, dict) and item.get("name") == key]
+    if len(named) != 1:
+        raise ConfigError(f"override {text!r}: {where} is a list of {len(items)}; {key!r} is neither an index "
+                          "nor the name of one of its entries")
+    return named[0]
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set each dotted override into the nested dict (creating levels; pydantic judges the keys)."""
+    """Set each dotted override into the nested dict (creating levels; pydantic judges the keys).
+
+    A list level takes an index or an entry's `name`: `train.recipe.coarse.max_steps=5`.
+    """
     for text in overrides:
         keys, value = parse_override(text)
-        node = data
-        for i, key in enumerate(keys[:-1]):
-            child = node.get(key)
+        node: Any = data
+        for i, key in enumerate(keys):
+            where = ".".join(keys[:i])
+            if isinstance(node, list):
+                key = _list_index(node, key, text, where)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {where} is a value ({node!r}), not a section")
+            if i == len(keys) - 1:
+                node[key] = value
+                break
+            child = node[key] if isinstance(node, list) else node.get(key)
             if child is None:
                 child = node[key] = {}
-            elif not isinstance(child, dict):
-                where = ".".join(keys[: i + 1])
-                raise ConfigError(f"override {text!r}: {where} is a value ({child!r}), not a section")
             node = child
-        node[keys[-1]] = value
     return data
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: sections merge key by key, anything else (values, lists) is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:
@@ -64,7 +91,9 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config file as a dict. A top-level `base: other.yaml` (relative to this file) is loaded first
+    and this file deep-merged over it, so e.g. a recipe file names only what it changes."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist (configs/tiny.yaml is the default)")
@@ -77,7 +106,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}: {problem}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top, got {type(data).__name__}")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {str(p)!r}: base must be the path of another config file, got {base!r}")
+    base_path = (p.parent / base).resolve()
+    chain = (*_chain, p.resolve())
+    if base_path in chain:
+        raise ConfigError(f"config file {str(p)!r}: base {base!r} leads back to itself "
+                          f"({' -> '.join(str(c) for c in (*chain, base_path))})")
+    return deep_merge(load_yaml(base_path, chain), data)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

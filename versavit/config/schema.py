@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 TASKS: tuple[str, ...] = ("caption", "depth", "refseg")
 Task = Literal["caption", "depth", "refseg"]
@@ -189,32 +189,52 @@ class WarmupStageConfig(StageLength):
     micro_batch: int = Field(8, ge=1)
 
 
+class SynergyConfig(Strict):
+    """VITRON-style cross-task synergy regulariser (versavit.models.synergy), off by default.
+
+    Pooled backbone features -> a task-invariant and a task-specific projection; a discriminator tries to
+    tell the task from the invariant part through a gradient-reversal layer (so the backbone learns to hide
+    it), a classifier reads it from the specific part, and an orthogonality term keeps the two apart.
+    """
+
+    enabled: bool = False
+    weight: float = Field(0.1, ge=0, description="added to every micro-step's task loss (so it is also scaled by "
+                          "that task's loss weight)")
+    dim: int = Field(64, ge=2, description="size of the task-invariant and task-specific projections")
+    grl_scale: float = Field(1.0, ge=0, description="gradient reversal factor: -scale x the discriminator's "
+                             "gradient reaches the invariant projection and the backbone")
+    specific_weight: float = Field(1.0, ge=0, description="task classifier on the task-specific part")
+    orthogonal_weight: float = Field(0.1, ge=0, description="soft orthogonality of the two parts (DSN)")
+
+
+def _check_tasks(v: list[str]) -> list[str]:
+    if not v:
+        raise ValueError(f"needs at least one task of {list(TASKS)}")
+    if len(set(v)) != len(v):
+        raise ValueError("lists a task twice")
+    return v
+
+
+def _check_batches(v: dict[str, int]) -> dict[str, int]:
+    for task, size in v.items():
+        if size < 1:
+            raise ValueError(f"batch size of task {task!r} must be >= 1, got {size}")
+    return v
+
+
 class MultitaskStageConfig(StageLength):
     tasks: list[Task] = Field(default_factory=lambda: list(TASKS))
     init_from: str | None = Field(
-        "auto", description="weights trained by an earlier stage: 'auto' = this run's warm-up if it exists, "
-        "a URL of a stage export, or null")
+        "auto", description="weights trained by an earlier stage: 'auto' = this run's warm-up (the previous "
+        "recipe stage) if it exists, a URL of a stage export, or null")
     loss_weights: LossWeights = LossWeights()
     optim: OptimConfig = OptimConfig()
     batch_size: dict[Task, int] = Field(default_factory=lambda: {"caption": 8, "depth": 32, "refseg": 32})
-    resolution: ResolutionConfig = ResolutionConfig()
+    resolution: ResolutionConfig = Field(ResolutionConfig(), description="input sizes of every stage")
+    synergy: SynergyConfig = SynergyConfig()
 
-    @field_validator("tasks")
-    @classmethod
-    def _tasks_nonempty_unique(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError(f"needs at least one task of {list(TASKS)}")
-        if len(set(v)) != len(v):
-            raise ValueError("lists a task twice")
-        return v
-
-    @field_validator("batch_size")
-    @classmethod
-    def _positive_batches(cls, v: dict[str, int]) -> dict[str, int]:
-        for task, size in v.items():
-            if size < 1:
-                raise ValueError(f"batch size of task {task!r} must be >= 1, got {size}")
-        return v
+    _tasks = field_validator("tasks")(_check_tasks)
+    _batches = field_validator("batch_size")(_check_batches)
 
     @model_validator(mode="after")
     def _batch_for_every_task(self) -> MultitaskStageConfig:
@@ -222,6 +242,70 @@ class MultitaskStageConfig(StageLength):
         if missing:
             raise ValueError(f"batch_size has no entry for active task(s) {missing}")
         return self
+
+
+TextSource = Literal["caption", "dense", "vqa", "mixed"]
+
+
+class RecipeStage(StageLength):
+    """One stage of a training recipe: what trains, on which tasks and text, how fast and how long.
+
+    Outputs go to `<workdir>/stages/<name>[-<variant>]`. Settings not named here are shared by every stage:
+    `train.multitask.optim` (betas, schedule, warm-up ratio, clipping, default weight decay),
+    `train.multitask.resolution` and the sub-loss weights of `train.multitask.loss_weights`.
+    """
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]*$", max_length=24,
+                      description="stage folder and job name: lowercase letters, digits, '-'")
+    tasks: list[Task]
+    trainable: list[str] = Field(
+        min_length=1, description="parameter-name patterns (versavit.models.trainable): globs such as "
+        "'heads.depth.*', 'backbone.blocks[-4:]' for the top 4 ViT blocks, shortcuts 'projector', 'llm', 'vit', "
+        "'*' for everything; '!pattern' excludes. The backbone's unused merger never trains")
+    lr_backbone: float = Field(1e-5, gt=0, description="ViT, projector and LLM parameters")
+    lr_heads: float = Field(1e-4, gt=0, description="depth / segmentation heads and the synergy module")
+    weight_decay: float | None = Field(None, ge=0, description="None = train.multitask.optim.weight_decay")
+    batch_size: dict[Task, int] = Field(description="per-rank micro-batch of each task")
+    global_batch: int | None = Field(
+        None, ge=1, description="single-task stages: accumulate micro-batches up to this many samples per "
+        "optimiser step over all ranks; None = one micro-batch per task per step")
+    caption_source: TextSource = Field(
+        "mixed", description="text of the caption task: caption (scene captions), dense (region text built from "
+        "the objects' referring expressions), vqa (question/answer pairs), mixed (captions and QA, VersaViT)")
+    loss_weights: dict[Task, float] | None = Field(None, description="lambda per task; None = "
+                                                   "train.multitask.loss_weights")
+    init_from: str | None = Field(
+        "auto", description="'auto' = the export of the previous stage of the recipe (same variant, else "
+        "variant ''), a URL of a stage export, or null")
+    synergy: SynergyConfig = SynergyConfig()
+
+    _tasks = field_validator("tasks")(_check_tasks)
+    _batches = field_validator("batch_size")(_check_batches)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RecipeStage:
+        from versavit.models.trainable import check_pattern
+
+        for pattern in self.trainable:
+            check_pattern(pattern)
+        missing = [t for t in self.tasks if t not in self.batch_size]
+        if missing:
+            raise ValueError(f"batch_size has no entry for active task(s) {missing}")
+        if self.global_batch is not None and len(self.tasks) != 1:
+            raise ValueError("global_batch (accumulation) is for single-task stages; multi-task stages take "
+                             "one micro-batch per task per step")
+        if self.loss_weights is not None:
+            if missing := [t for t in self.tasks if t not in self.loss_weights]:
+                raise ValueError(f"loss_weights has no entry for active task(s) {missing}")
+            if any(w < 0 for w in self.loss_weights.values()):
+                raise ValueError("loss_weights must be >= 0")
+        if self.synergy.enabled and len(self.tasks) < 2:
+            raise ValueError("synergy needs at least two tasks (its discriminator tells tasks apart)")
+        return self
+
+
+WARMUP_TRAINABLE = ["projector"]  # VersaViT's warm-up: the projector alone (ViT and LLM frozen)
+MULTITASK_TRAINABLE = ["*"]  # VersaViT's multi-task stage: ViT, projector, LLM and heads
 
 
 class TrainConfig(Strict):
@@ -232,6 +316,57 @@ class TrainConfig(Strict):
     log_interval: int = Field(1, ge=1, description="optimiser steps between metric points")
     warmup: WarmupStageConfig = WarmupStageConfig()
     multitask: MultitaskStageConfig = MultitaskStageConfig()
+    recipe: list[RecipeStage] | None = Field(
+        None, description="the stages, in order; None = VersaViT's: `warmup` (if enabled) then `multitask`, "
+        "derived from the two blocks above")
+
+    @model_validator(mode="after")
+    def _recipe_valid(self) -> TrainConfig:
+        if self.recipe is not None:
+            if not self.recipe:
+                raise ValueError("recipe needs at least one stage (or null for VersaViT's two stages)")
+            names = [s.name for s in self.recipe]
+            if twice := sorted({n for n in names if names.count(n) > 1}):
+                raise ValueError(f"recipe names stage(s) {twice} more than once")
+        else:
+            try:  # the derived stages must be valid too (e.g. synergy with a single task)
+                self.stages()
+            except ValidationError as exc:
+                raise ValueError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+        return self
+
+    def stages(self) -> list[RecipeStage]:
+        """The recipe: `recipe` as written, or VersaViT's two stages derived from `warmup` and `multitask`."""
+        if self.recipe is not None:
+            return list(self.recipe)
+        out = []
+        w, m = self.warmup, self.multitask
+        length = ("max_steps", "epochs", "checkpoint_interval")
+        if w.enabled:
+            out.append(RecipeStage(
+                name="warmup", tasks=["caption"], trainable=WARMUP_TRAINABLE, lr_backbone=w.lr, lr_heads=w.lr,
+                weight_decay=0.0, batch_size={"caption": w.micro_batch}, global_batch=w.global_batch,
+                loss_weights={"caption": 1.0}, init_from=None, **{k: getattr(w, k) for k in length}))
+        out.append(RecipeStage(
+            name="multitask", tasks=m.tasks, trainable=MULTITASK_TRAINABLE, lr_backbone=m.optim.lr_backbone,
+            lr_heads=m.optim.lr_heads, batch_size={t: m.batch_size[t] for t in m.tasks},
+            loss_weights={t: getattr(m.loss_weights, t) for t in m.tasks}, init_from=m.init_from,
+            synergy=m.synergy, **{k: getattr(m, k) for k in length}))
+        return out
+
+    def stage(self, name: str) -> RecipeStage:
+        """The recipe stage called `name`."""
+        stages = self.stages()
+        for s in stages:
+            if s.name == name:
+                return s
+        raise ValueError(f"unknown stage {name!r}; this config's recipe has {[s.name for s in stages]}")
+
+    def stage_path(self, name: str) -> str:
+        """Where a stage is configured, for messages: train.warmup, train.multitask or train.recipe[i]."""
+        if self.recipe is None:
+            return f"train.{name}"
+        return f"train.recipe[{[s.name for s in self.recipe].index(name)}]"
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +462,8 @@ class RunConfig(Strict):
     @model_validator(mode="after")
     def _data_sources(self) -> RunConfig:
         if self.data.source == "shards":
-            missing = [t for t in self.train.multitask.tasks if not self.data.tasks.get(t, DataSource()).urls]
+            tasks = dict.fromkeys(t for s in self.train.stages() for t in s.tasks)
+            missing = [t for t in tasks if not self.data.tasks.get(t, DataSource()).urls]
             if missing:
                 raise ValueError(f"data.source is 'shards' but data.tasks has no urls for {missing}")
         return self

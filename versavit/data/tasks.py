@@ -3,7 +3,8 @@
 A shard sample may carry annotations for several tasks (the synthetic world carries all of
 them); each task takes what it needs, at the recipe's resolution:
 
-    caption  image at dynamic resolution (<= caption_max^2 pixels), a question and its answer
+    caption  image at dynamic resolution (<= caption_max^2 pixels), a question and its answer, from the
+             stage's text source: scene caption, dense region text, VQA pairs, or a mix (VersaViT)
     depth    image R x R, target map in the head's space (depth or disparity), valid mask
     refseg   image R x R, the mask of one referred object, its precomputed text embedding
 
@@ -30,6 +31,8 @@ from versavit.data.loader import CorruptionStats, make_loader, shard_pipeline
 from versavit.data.shards import resolve_shards
 
 CAPTION_PROMPT = "Describe the image."
+DENSE_PROMPT = "Describe each object from left to right."
+TEXT_SOURCES = ("caption", "dense", "vqa", "mixed")
 
 
 def sample_rng(seed: int, sample: dict[str, Any]) -> np.random.Generator:
@@ -99,18 +102,54 @@ def refseg_view(sample: dict[str, Any], resolution: int, seed: int = 0) -> dict[
             "text_embedding": torch.from_numpy(emb[k].astype(np.float32)), "expression": expression}
 
 
-def caption_view(sample: dict[str, Any], min_side: int, max_side: int, seed: int = 0) -> dict[str, Any]:
-    """Caption / VQA: the image at dynamic resolution plus one (question, answer) pair."""
+def dense_text(meta: dict[str, Any]) -> str | None:
+    """Region-level text: every object's referring expression and attributes, left to right.
+
+    Finer-grained than the scene caption (one statement per region, each tied to a location through its
+    relational expression): SAILViT's "dense caption" data, built from the world's own annotations.
+    """
+    objects = [o for o in meta.get("objects") or [] if o.get("expression")]
+    if not objects:
+        return None
+
+    def x(o: dict[str, Any]) -> float:
+        return float((o.get("center_uv") or o.get("bbox") or [0.0])[0])
+
+    regions = []
+    for o in sorted(objects, key=x):
+        attrs = " ".join(str(o[k]) for k in ("size", "color", "shape") if o.get(k))
+        expression = o["expression"][:1].upper() + o["expression"][1:]
+        regions.append(f"{expression}: {attrs}." if attrs else f"{expression}.")
+    return " ".join(regions)
+
+
+def text_pairs(meta: dict[str, Any], source: str = "mixed") -> list[tuple[str, str]]:
+    """The (question, answer) pairs a sample offers for a text source (see TEXT_SOURCES)."""
+    if source not in TEXT_SOURCES:
+        raise ValueError(f"unknown caption text source {source!r}; expected one of {TEXT_SOURCES}")
+    caption = [(CAPTION_PROMPT, meta["caption"])] if meta.get("caption") else []
+    vqa = [(qa["question"], qa["answer"]) for qa in meta.get("qa", [])]
+    vqa += [(c["question"], c["answer"]) for c in meta.get("conversations", [])]
+    if source == "caption":
+        return caption
+    if source == "vqa":
+        return vqa
+    if source == "dense":
+        dense = dense_text(meta)
+        return [(DENSE_PROMPT, dense)] if dense else []
+    return caption + vqa
+
+
+def caption_view(sample: dict[str, Any], min_side: int, max_side: int, seed: int = 0,
+                 source: str = "mixed") -> dict[str, Any]:
+    """Caption / VQA: the image at dynamic resolution plus one (question, answer) pair of `source`."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     meta = sample.get("json") or {}
-    pairs: list[tuple[str, str]] = []
-    if meta.get("caption"):
-        pairs.append((CAPTION_PROMPT, meta["caption"]))
-    pairs += [(qa["question"], qa["answer"]) for qa in meta.get("qa", [])]
-    pairs += [(c["question"], c["answer"]) for c in meta.get("conversations", [])]
+    pairs = text_pairs(meta, source)
     if not pairs:
-        raise KeyError(f"sample {sample.get('__key__')} has no caption or question/answer")
+        raise KeyError(f"sample {sample.get('__key__')} has no {source} text"
+                       + (" (no caption or question/answer)" if source == "mixed" else ""))
     question, answer = pairs[int(sample_rng(seed, sample).integers(len(pairs)))]
     rgb = _image(sample)
     h, w = smart_resize(rgb.shape[0], rgb.shape[1], factor=28, min_pixels=min_side * min_side,
@@ -149,7 +188,7 @@ def task_urls(cfg: RunConfig, task: str, split: str = "train") -> list[str]:
     return urls
 
 
-def task_view_fn(cfg: RunConfig, task: str):  # -> Callable[[dict], dict]
+def task_view_fn(cfg: RunConfig, task: str, caption_source: str = "mixed"):  # -> Callable[[dict], dict]
     res = cfg.train.multitask.resolution
     seed = cfg.train.seed
     if task == "depth":
@@ -157,22 +196,24 @@ def task_view_fn(cfg: RunConfig, task: str):  # -> Callable[[dict], dict]
     if task == "refseg":
         return functools.partial(refseg_view, resolution=res.refseg, seed=seed)
     if task == "caption":
-        return functools.partial(caption_view, min_side=res.caption_min, max_side=res.caption_max, seed=seed)
+        return functools.partial(caption_view, min_side=res.caption_min, max_side=res.caption_max, seed=seed,
+                                 source=caption_source)
     raise ValueError(f"unknown task {task!r}")
 
 
 def task_batches(cfg: RunConfig, task: str, batch_size: int, batches_done: int = 0, seed_offset: int = 0,
-                 num_workers: int | None = None) -> Iterator[dict[str, Any]]:
+                 num_workers: int | None = None, caption_source: str = "mixed") -> Iterator[dict[str, Any]]:
     """An endless, resumable stream of collated batches of `task` (resampled shards).
 
     `batches_done` batches are skipped (cheaply, before decoding): the data position on resume.
+    `caption_source` picks the caption task's text (TEXT_SOURCES).
     """
     workers = cfg.data.num_workers if num_workers is None else num_workers
     stats = CorruptionStats(cfg.data.max_corrupt_fraction, cfg.data.min_samples_before_corrupt_check)
     pipeline = shard_pipeline(
         resolve_shards(task_urls(cfg, task)), stats=stats, resampled=True,
         seed=cfg.train.seed * 1000 + seed_offset, shuffle_buffer=cfg.data.shuffle_buffer,
-        transform=task_view_fn(cfg, task),
+        transform=task_view_fn(cfg, task, caption_source),
         skip=functools.partial(_worker_skip, batches_done=batches_done, batch_size=batch_size),
     )
     return iter(make_loader(pipeline, num_workers=workers, batch_size=batch_size, collate_fn=collate))

@@ -1,7 +1,8 @@
 """The assembled VersaViT model: one backbone, a head per task, a loss per task.
 
 `forward(task, batch)` runs exactly one task (the trainer cycles tasks per micro-step, the same
-task on every rank), so only that task's head sees gradients in that micro-step.
+task on every rank), so only that task's head sees gradients in that micro-step. What trains is
+data: `set_trainable(patterns)` (versavit.models.trainable) freezes everything else.
 """
 
 from __future__ import annotations
@@ -13,17 +14,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from versavit.config.schema import TASKS, LossWeights, ModelConfig
+from versavit.config.schema import TASKS, WARMUP_TRAINABLE, LossWeights, ModelConfig, SynergyConfig
 from versavit.losses import DepthLoss, SegmentationLoss
+from versavit.models import trainable
 from versavit.models.backbone import VisionBackbone
 from versavit.models.heads.caption import CaptionHead
 from versavit.models.heads.depth import DepthHead
 from versavit.models.heads.refseg import RefSegHead
+from versavit.models.synergy import SynergyModule
+
+HEADS_GROUP_PREFIXES = ("heads.depth.", "heads.refseg.", "synergy.")  # trained at lr_heads; the rest at lr_backbone
 
 
 class VersaViT(nn.Module):
     def __init__(self, backbone: VisionBackbone, heads: dict[str, nn.Module], depth_layers: list[int],
-                 weights: LossWeights | None = None, depth_target: str = "depth"):
+                 weights: LossWeights | None = None, depth_target: str = "depth",
+                 synergy: SynergyModule | None = None, synergy_weight: float = 0.0):
         super().__init__()
         self.depth_target = depth_target  # the space the depth head is trained in: depth or disparity
         weights = weights or LossWeights()
@@ -32,11 +38,14 @@ class VersaViT(nn.Module):
         self.depth_layers = list(depth_layers)
         self.depth_loss = DepthLoss(weights.depth_ssi, weights.depth_gm, weights.gm_scales)
         self.seg_loss = SegmentationLoss(weights.seg_bce, weights.seg_dice)
+        self.synergy = synergy  # optional cross-task regulariser (training only, never exported)
+        self.synergy_weight = synergy_weight
 
     @classmethod
     def build(cls, cfg: ModelConfig, tasks: list[str] | tuple[str, ...] = TASKS, weights: LossWeights | None = None,
-              dtype: torch.dtype = torch.float32) -> VersaViT:
-        """Backbone (random or pretrained) plus the heads of `tasks`, sizes from the config."""
+              dtype: torch.dtype = torch.float32, synergy: SynergyConfig | None = None) -> VersaViT:
+        """Backbone (random or pretrained) plus the heads of `tasks`, sizes from the config; the synergy
+        module when `synergy.enabled` (built last, so the other tensors' init does not depend on it)."""
         backbone = VisionBackbone.build(cfg.backbone, dtype=dtype)
         backbone.set_gradient_checkpointing(cfg.backbone.gradient_checkpointing)
         dim = backbone.embed_dim
@@ -51,51 +60,88 @@ class VersaViT(nn.Module):
             heads["depth"] = DepthHead(cfg.heads.depth, embed_dim=dim, num_layers=len(layers)).to(dtype)
         if "refseg" in tasks:
             heads["refseg"] = RefSegHead(cfg.heads.refseg, embed_dim=dim).to(dtype)
-        return cls(backbone, heads, layers, weights, depth_target=cfg.heads.depth.target)
+        module = None
+        if synergy is not None and synergy.enabled:
+            module = SynergyModule(dim, [t for t in TASKS if t in tasks], synergy).to(dtype)
+        return cls(backbone, heads, layers, weights, depth_target=cfg.heads.depth.target, synergy=module,
+                   synergy_weight=synergy.weight if module is not None else 0.0)
 
     # ---------------------------------------------------------------- parameter sets
+    @staticmethod
+    def group_of(name: str) -> str:
+        """Optimiser group of a parameter: "heads" (dense heads, synergy module: lr_heads, 1e-4 in the paper)
+        or "backbone" (ViT, caption projector, LLM: lr_backbone, 1e-5)."""
+        return "heads" if name.startswith(HEADS_GROUP_PREFIXES) else "backbone"
+
     def backbone_group(self) -> list[nn.Parameter]:
         """ViT + caption projector + LLM: trained at lr_backbone (1e-5 in the paper)."""
-        params = list(self.backbone.parameters())
-        if "caption" in self.heads:
-            params += list(self.heads["caption"].parameters())
-        return params
+        return [p for n, p in self.named_parameters() if self.group_of(n) == "backbone"]
 
     def heads_group(self) -> list[nn.Parameter]:
-        """Dense heads (depth, referring segmentation): trained at lr_heads (1e-4)."""
-        return [p for name, head in self.heads.items() if name != "caption" for p in head.parameters()]
+        """Dense heads (depth, referring segmentation) and the synergy module: trained at lr_heads (1e-4)."""
+        return [p for n, p in self.named_parameters() if self.group_of(n) == "heads"]
+
+    def set_trainable(self, patterns: list[str]) -> dict[str, list[nn.Parameter]]:
+        """Train exactly what `patterns` select (versavit.models.trainable), freeze the rest.
+
+        The synergy module, when present, always trains: a frozen random discriminator would be noise.
+        Returns the trainable parameters by optimiser group ({"backbone": [...], "heads": [...]}).
+        """
+        names = [n for n, _ in self.named_parameters()]
+        chosen = trainable.select(patterns, names, self.backbone.depth)
+        chosen |= {n for n in names if n.startswith("synergy.")}
+        groups: dict[str, list[nn.Parameter]] = {"backbone": [], "heads": []}
+        for name, p in self.named_parameters():
+            p.requires_grad_(name in chosen)
+            if name in chosen:
+                groups[self.group_of(name)].append(p)
+        return groups
 
     def freeze_for_warmup(self) -> list[nn.Parameter]:
-        """Caption warm-up: only the projector trains (ViT and LLM frozen). Returns the trainable set."""
+        """VersaViT's warm-up set: only the projector trains (ViT and LLM frozen). Returns the trainable set."""
         if "caption" not in self.heads:
             raise ValueError("the warm-up stage needs the caption head")
-        for p in self.parameters():
-            p.requires_grad_(False)
-        projector = list(self.heads["caption"].projector_parameters())
-        for p in projector:
-            p.requires_grad_(True)
-        return projector
+        return [p for ps in self.set_trainable(WARMUP_TRAINABLE).values() for p in ps]
 
     # ---------------------------------------------------------------------- forward
     def forward(self, task: str, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss to minimise for one task's batch, and floats to log (the task's loss terms).
+
+        With the synergy module the loss is `task loss + synergy_weight * synergy loss`; the task loss alone
+        is then in parts["task_loss"] and the module's terms under "synergy/...".
+        """
+        loss, parts, pooled = self._task_forward(task, batch)
+        if self.synergy is None:
+            return loss, parts
+        syn, syn_parts = self.synergy(pooled, task)
+        return loss + self.synergy_weight * syn, {**parts, **syn_parts, "task_loss": float(loss.detach())}
+
+    def _task_forward(self, task: str, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], Any]:
+        """(loss, parts, pooled final-layer features [B, D] or None when no synergy module needs them)."""
         dtype = self.backbone.dtype
+        pool = self.synergy is not None
         if task == "caption":
             images = [im.to(dtype) for im in batch["image"]] if isinstance(batch["image"], list) \
                 else list(batch["image"].to(dtype))
             out = self.backbone(images, merged=True)
             res = self.heads["caption"](out.merged, batch["question"], batch["answer"])
-            return res.loss, {"answer_tokens": float(res.num_answer_tokens)}
+            # a merge unit is 4 final-layer patch vectors side by side: back to [4n, D] before the mean
+            pooled = torch.stack([m.reshape(-1, self.backbone.embed_dim).mean(0) for m in out.merged]) \
+                if pool else None
+            return res.loss, {"answer_tokens": float(res.num_answer_tokens)}, pooled
         images = batch["image"].to(dtype)
         size = tuple(images.shape[-2:])
         if task == "depth":
             out = self.backbone(images, layers=self.depth_layers)
             pred = self.heads["depth"]([out.layers[layer] for layer in self.depth_layers], size)
-            return self.depth_loss(pred, batch["target"], batch["valid"])
-        if task == "refseg":
+            loss, parts = self.depth_loss(pred, batch["target"], batch["valid"])
+        elif task == "refseg":
             out = self.backbone(images)
             logits = self.heads["refseg"](out.maps, batch["text_embedding"].to(dtype), size)
-            return self.seg_loss(logits, batch["mask"])
-        raise ValueError(f"unknown task {task!r}; expected one of {list(self.heads)}")
+            loss, parts = self.seg_loss(logits, batch["mask"])
+        else:
+            raise ValueError(f"unknown task {task!r}; expected one of {list(self.heads)}")
+        return loss, parts, out.maps.mean(dim=(-2, -1)) if pool else None
 
     # ----------------------------------------------------------------------- export
     def save_pretrained(self, path: str) -> None:

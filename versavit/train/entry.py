@@ -1,5 +1,7 @@
 """torchrun entry point: `python -m versavit.train.entry --stage multitask --config resolved.yaml`.
 
+`--stage` names a stage of the config's recipe (`train.recipe`, or VersaViT's warmup / multitask).
+
 Every rank runs this; the same file is the command of a PyTorchJob's containers.
 """
 
@@ -13,13 +15,13 @@ import warnings
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from versavit.config import load_config
-from versavit.train.loop import STAGES, run_stage
+from versavit.train.loop import run_stage
 
 
 @record  # a failing rank leaves its traceback in torchrun's error file, so the launcher can show it
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage", choices=STAGES, required=True)
+    ap.add_argument("--stage", required=True, help="a stage name of the config's recipe")
     ap.add_argument("--config", required=True, help="resolved run config (YAML)")
     ap.add_argument("--variant", default="", help="output folder suffix: stages/<stage>-<variant>")
     ap.add_argument("overrides", nargs="*")

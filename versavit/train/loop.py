@@ -1,15 +1,19 @@
-"""The training loop shared by every stage: caption warm-up and multi-task training.
+"""The training loop shared by every stage of every recipe (VersaViT's, SAILViT-style, ...).
 
-Run under torchrun (one process per device). One optimiser step = one cycle of micro-steps:
-in the multi-task stage one micro-step per active task (the same task on every rank: DeepSpeed's
-collectives must match), gradients accumulated over the cycle, weighted by lambda_task.
+A recipe (`cfg.train.stages()`, config `train.recipe`) is an ordered list of stages; each names its
+tasks, trainable parameter patterns, learning rates, text source and length, so the loop has no
+stage-specific code. Run under torchrun (one process per device). One optimiser step = one cycle of
+micro-steps: one per active task (the same task on every rank: DeepSpeed's collectives must match), or,
+for a single-task stage with `global_batch`, that task's micro-batches accumulated up to the global
+batch; gradients accumulated over the cycle, weighted by lambda_task / (micro-steps of that task).
 
-Outputs under `<workdir>/stages/<stage>/`: checkpoints/ (resumable), export/ (Hugging Face
-backbone + heads), stage.json (the small manifest the next stage reads).
+Outputs under `<workdir>/stages/<stage>[-<variant>]/`: checkpoints/ (resumable), export/ (Hugging Face
+backbone + heads, and the tensors trained so far), stage.json (the small manifest the next stage reads).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -33,7 +37,6 @@ from versavit.train.engine import deepspeed_config, dist_env, init_distributed, 
 from versavit.train.optim import build_optimizer, build_scheduler, param_groups
 
 log = logging.getLogger(__name__)
-STAGES = ("warmup", "multitask")
 TRAINED_STATE = "trained_state.pt"
 
 
@@ -46,8 +49,13 @@ class StagePlan:
     total_steps: int
     checkpoint_interval: int
     weights: dict[str, float]
-    url: str  # <workdir>/stages/<stage>
+    url: str  # <workdir>/stages/<stage>[-<variant>]
     lrs: dict[str, float] = field(default_factory=dict)
+    variant: str = ""
+    trainable: list[str] = field(default_factory=list)
+    caption_source: str = "mixed"
+    weight_decay: float = 0.0
+    synergy: bool = False
 
     @property
     def checkpoints(self) -> str:
@@ -59,7 +67,7 @@ class StagePlan:
 
 
 def stage_url(cfg: RunConfig, stage: str, variant: str = "") -> str:
-    """`<workdir>/stages/<stage>[-<variant>]`: variants (ablation branches) share data and warm-up."""
+    """`<workdir>/stages/<stage>[-<variant>]`: variants (comparison branches) share the data."""
     return storage.join(cfg.workdir, "stages", f"{stage}-{variant}" if variant else stage)
 
 
@@ -71,52 +79,69 @@ def _dataset_size(urls: list[str]) -> int | None:
 
 
 def plan_stage(cfg: RunConfig, stage: str, world: int = 1, variant: str = "") -> StagePlan:
-    """Tasks, batch sizes, step count and learning rates of `stage`, from the config alone."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-    if stage == "warmup":
-        w = cfg.train.warmup
-        accum = max(1, w.global_batch // (w.micro_batch * world))
-        tasks, micro, batch = ["caption"], ["caption"] * accum, {"caption": w.micro_batch}
-        weights, length, lrs = {"caption": 1.0}, w, {"projector": w.lr}
-    else:
-        m = cfg.train.multitask
-        tasks, micro, batch = list(m.tasks), list(m.tasks), {t: m.batch_size[t] for t in m.tasks}
-        weights = {t: getattr(m.loss_weights, t) for t in tasks}
-        length, lrs = m, {"backbone": m.optim.lr_backbone, "heads": m.optim.lr_heads}
-    if length.max_steps:
-        steps = length.max_steps
+    """Tasks, micro-steps, batch sizes, step count and learning rates of recipe stage `stage`."""
+    rs = cfg.train.stage(stage)
+    tasks = list(rs.tasks)
+    batch = {t: rs.batch_size[t] for t in tasks}
+    # one micro-step per task, or (single task) micro-batches accumulated up to the global batch
+    accum = 1 if rs.global_batch is None else max(1, rs.global_batch // (batch[tasks[0]] * world))
+    micro = tasks * accum
+    lw = rs.loss_weights
+    weights = {t: (lw[t] if lw is not None else getattr(cfg.train.multitask.loss_weights, t)) for t in tasks}
+    if rs.max_steps:
+        steps = rs.max_steps
     else:  # one epoch of the largest task; smaller tasks are resampled to the same step count
         sizes = {t: _dataset_size(task_urls(cfg, t)) for t in tasks}
         if any(v is None for v in sizes.values()):
-            raise ValueError(f"train.{stage}.max_steps is required: dataset sizes unknown for "
+            raise ValueError(f"{cfg.train.stage_path(stage)}.max_steps is required: dataset sizes unknown for "
                              f"{[t for t, v in sizes.items() if v is None]}")
         per_step = {t: batch[t] * world * micro.count(t) for t in tasks}
-        steps = max(1, math.ceil(length.epochs * max(sizes[t] / per_step[t] for t in tasks)))
-    return StagePlan(stage, tasks, micro, batch, steps, length.checkpoint_interval, weights,
-                     stage_url(cfg, stage, variant), lrs)
+        steps = max(1, math.ceil(rs.epochs * max(sizes[t] / per_step[t] for t in tasks)))
+    wd = cfg.train.multitask.optim.weight_decay if rs.weight_decay is None else rs.weight_decay
+    return StagePlan(stage, tasks, micro, batch, steps, rs.checkpoint_interval, weights,
+                     stage_url(cfg, stage, variant), {"backbone": rs.lr_backbone, "heads": rs.lr_heads}, variant,
+                     list(rs.trainable), rs.caption_source, wd, rs.synergy.enabled)
 
 
-def _init_weights_from(model: VersaViT, url: str) -> int:
-    """Load the parameters an earlier stage trained (e.g. the warm-up projector)."""
+def _init_weights_from(model: VersaViT, url: str) -> list[str]:
+    """Load the tensors earlier stages trained (e.g. the warm-up projector); returns the loaded names.
+
+    Tensors of heads (or the synergy module) this stage does not build are skipped: a caption-only stage
+    may follow a multi-task one. Any other unknown name is an error (a different model).
+    """
     local = Path(storage.get_fs(url)[1]) if not storage.is_remote(url) else None
     blob = (local / TRAINED_STATE).read_bytes() if local else storage.read_bytes(storage.join(url, TRAINED_STATE))
-    import io
-
     state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    missing = [k for k in state if k not in model.state_dict()]
+    own = model.state_dict()
+    built = tuple(f"heads.{h}." for h in model.heads) + (("synergy.",) if model.synergy is not None else ())
+    skipped = [k for k in state if k not in own and k.startswith(("heads.", "synergy.")) and not k.startswith(built)]
+    missing = [k for k in state if k not in own and k not in skipped]
     if missing:
         raise ValueError(f"{url}: {len(missing)} parameter(s) do not exist in this model, e.g. {missing[:3]}")
+    state = {k: v for k, v in state.items() if k not in skipped}
     model.load_state_dict(state, strict=False)
-    return len(state)
+    if skipped:
+        log.info("init: skipped %d tensor(s) of heads this stage does not build", len(skipped))
+    return list(state)
 
 
-def _resolve_init(cfg: RunConfig) -> str | None:
-    init = cfg.train.multitask.init_from
-    if init == "auto":
-        warm = storage.join(stage_url(cfg, "warmup"), "export")
-        return warm if storage.exists(storage.join(warm, TRAINED_STATE)) else None
-    return init
+def resolve_init(cfg: RunConfig, stage: str, variant: str = "") -> str | None:
+    """The export a stage starts from: "auto" = the previous stage of the recipe (same variant, falling back
+    to variant ""), None when there is none yet; an explicit URL as given."""
+    init = cfg.train.stage(stage).init_from
+    if init != "auto":
+        return init
+    names = [s.name for s in cfg.train.stages()]
+    i = names.index(stage)
+    if i == 0:
+        return None
+    for v in dict.fromkeys([variant, ""]):
+        export = storage.join(stage_url(cfg, names[i - 1], v), "export")
+        if storage.exists(storage.join(export, TRAINED_STATE)):
+            return export
+    log.warning("stage %s: previous stage %s has no export yet; starting from the initial weights", stage,
+                names[i - 1])
+    return None
 
 
 def _mean_over_ranks(values: list[float]) -> list[float]:
@@ -142,27 +167,26 @@ class Trainer:
     world: int
     start: int
     init_from: str | None
+    inherited: list[str] = field(default_factory=list)  # tensor names loaded from init_from
 
     @classmethod
     def setup(cls, cfg: RunConfig, stage: str, variant: str = "", resume: bool = True) -> Trainer:
-        """Process group, model (+ weights of an earlier stage), DeepSpeed engine, resumed state, data streams."""
+        """Process group, model (+ weights of an earlier stage), trainable set, DeepSpeed engine, resumed
+        state, data streams."""
         storage.configure(cfg.storage)
         device = init_distributed(cfg.train)
         rank, world, _ = dist_env()
         plan = plan_stage(cfg, stage, world, variant)
+        rs = cfg.train.stage(stage)
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         torch.manual_seed(cfg.train.seed)  # same init on every rank (DeepSpeed also broadcasts rank 0's)
-        model = VersaViT.build(cfg.model, tasks=plan.tasks, weights=cfg.train.multitask.loss_weights, dtype=dtype)
-        init_from = _resolve_init(cfg) if stage == "multitask" else None
-        if init_from:
-            n = _init_weights_from(model, init_from)
-            if rank == 0:
-                log.info("initialised %d tensors from %s", n, init_from)
-        if stage == "warmup":
-            groups = param_groups({"projector": model.freeze_for_warmup()}, plan.lrs, 0.0)
-        else:
-            groups = param_groups({"backbone": model.backbone_group(), "heads": model.heads_group()}, plan.lrs,
-                                  cfg.train.multitask.optim.weight_decay)
+        model = VersaViT.build(cfg.model, tasks=plan.tasks, weights=cfg.train.multitask.loss_weights, dtype=dtype,
+                               synergy=rs.synergy)
+        init_from = resolve_init(cfg, stage, variant)
+        inherited = _init_weights_from(model, init_from) if init_from else []
+        if init_from and rank == 0:
+            log.info("initialised %d tensors from %s", len(inherited), init_from)
+        groups = param_groups(model.set_trainable(plan.trainable), plan.lrs, plan.weight_decay)
         optim_cfg = cfg.train.multitask.optim
         optimizer = build_optimizer(groups, optim_cfg)
         scheduler = build_scheduler(optimizer, plan.total_steps, optim_cfg)
@@ -170,10 +194,11 @@ class Trainer:
                             deepspeed_config(cfg.train, len(plan.micro_steps), optim_cfg.grad_clip))
         client = (checkpoint.load(engine, plan.checkpoints, rank) if resume else None) or {}
         batches_done: dict[str, int] = dict(client.get("batches_done", {t: 0 for t in plan.tasks}))
-        streams = {t: task_batches(cfg, t, plan.batch_size[t], batches_done[t], seed_offset=i)
+        streams = {t: task_batches(cfg, t, plan.batch_size[t], batches_done[t], seed_offset=i,
+                                   caption_source=plan.caption_source)
                    for i, t in enumerate(plan.tasks)}
         return cls(cfg, plan, engine, optimizer, streams, batches_done, device, rank, world,
-                   int(client.get("step", 0)), init_from)
+                   int(client.get("step", 0)), init_from, inherited)
 
     def step(self, step: int) -> dict[str, float]:
         """One optimiser step: a micro-step per entry of plan.micro_steps, then the metrics point."""
@@ -181,26 +206,33 @@ class Trainer:
         t_step = time.perf_counter()
         wait = 0.0
         losses: dict[str, list[float]] = {t: [] for t in plan.tasks}
+        extra: dict[str, list[float]] = {}  # the tasks' loss terms and the synergy module's numbers
         task_time: dict[str, float] = dict.fromkeys(plan.tasks, 0.0)
         for task in plan.micro_steps:
             t0 = time.perf_counter()
             batch = _to_device(next(self.streams[task]), self.device)
             t1 = time.perf_counter()
             wait += t1 - t0
-            loss, _parts = engine(task, batch)
+            loss, parts = engine(task, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"step {step}: {task} loss is {loss.item()} on rank {self.rank}")
-            # lambda-weighted sum over tasks (not DeepSpeed's mean over micro-steps) for multi-task;
-            # a plain mean over accumulated micro-batches for the single-task warm-up.
-            engine.backward(plan.weights[task] * loss, scale_wrt_gas=(plan.stage == "warmup"))
+            # lambda-weighted sum over tasks (not DeepSpeed's mean over micro-steps), and a plain mean over a
+            # task's accumulated micro-batches: lambda_task / (its micro-steps in this cycle)
+            engine.backward(loss * plan.weights[task] / plan.micro_steps.count(task), scale_wrt_gas=False)
             engine.step()
-            losses[task].append(float(loss.detach()))
+            losses[task].append(parts.get("task_loss", float(loss.detach())))
+            for k, v in parts.items():
+                if k != "task_loss":
+                    extra.setdefault(k if k.startswith("synergy/") else f"parts/{task}/{k}", []).append(v)
             self.batches_done[task] += 1
             task_time[task] += time.perf_counter() - t1
         step_time = time.perf_counter() - t_step
-        means = _mean_over_ranks([sum(v) / len(v) for v in losses.values()])
-        point: dict[str, float] = {f"loss/{t}": v for t, v in zip(plan.tasks, means, strict=True)}
+        keys = sorted(extra)  # the same on every rank: every rank ran the same micro-steps
+        means = _mean_over_ranks([sum(v) / len(v) for v in losses.values()]
+                                 + [sum(extra[k]) / len(extra[k]) for k in keys])
+        point: dict[str, float] = {f"loss/{t}": v for t, v in zip(plan.tasks, means, strict=False)}
         point["loss/total"] = sum(plan.weights[t] * point[f"loss/{t}"] for t in plan.tasks)
+        point.update(zip(keys, means[len(plan.tasks):], strict=True))
         for g in self.optimizer.param_groups:
             point[f"lr/{g['name']}"] = g["lr"]
         for t in plan.tasks:
@@ -216,7 +248,7 @@ class Trainer:
 
 
 def run_stage(cfg: RunConfig, stage: str, variant: str = "") -> dict[str, Any]:
-    """Train `stage` to its end (resuming from the latest checkpoint if any); every rank calls this."""
+    """Train recipe stage `stage` to its end (resuming from the latest checkpoint if any); every rank calls this."""
     from versavit.pipeline import make_tracker  # tracking set-up shared with the other stages
 
     tr = Trainer.setup(cfg, stage, variant)
@@ -248,7 +280,7 @@ def run_stage(cfg: RunConfig, stage: str, variant: str = "") -> dict[str, Any]:
             if (step + 1) % plan.checkpoint_interval == 0 or step + 1 == plan.total_steps:
                 tr.save(step + 1)
                 last_saved = step + 1
-        result = _finish(cfg, plan, tr.engine, rank, tracker, run, tr.init_from)
+        result = _finish(cfg, plan, tr.engine, rank, tracker, run, tr.init_from, tr.inherited)
         tracker.end_run(run, "FINISHED")
         return result
     except BaseException:
@@ -285,14 +317,19 @@ def _metrics_path(cfg: RunConfig, stage: str) -> Path:
 
 
 def _finish(cfg: RunConfig, plan: StagePlan, engine: Any, rank: int, tracker: Any, run: Any,
-            init_from: str | None) -> dict[str, Any]:
-    """Export (rank 0): HF backbone + heads, the trained tensors, stage.json; register the backbone."""
+            init_from: str | None, inherited: list[str] = ()) -> dict[str, Any]:
+    """Export (rank 0): HF backbone + heads, the trained tensors, stage.json; register the backbone.
+
+    trained_state.pt holds every tensor trained so far in the recipe (this stage's trainable set plus what
+    it inherited), so the next stage may train a different subset without losing an earlier one's work.
+    """
     module: VersaViT = engine.module
     result: dict[str, Any] = {}
     if rank == 0:
         import tempfile
 
-        trained = {k: v.detach().cpu() for k, v in module.named_parameters() if v.requires_grad}
+        keep = set(inherited)
+        trained = {k: v.detach().cpu() for k, v in module.named_parameters() if v.requires_grad or k in keep}
         with tempfile.TemporaryDirectory() as tmp:
             module.save_pretrained(tmp)
             torch.save(trained, Path(tmp) / TRAINED_STATE)
@@ -302,7 +339,7 @@ def _finish(cfg: RunConfig, plan: StagePlan, engine: Any, rank: int, tracker: An
                     with storage.atomic_local_file(storage.join(plan.export, str(path.relative_to(tmp)))) as dst:
                         Path(dst).write_bytes(path.read_bytes())
         run_id = tracker.run_id(run)
-        result = {"stage": plan.stage, "variant": plan.url.rsplit("/", 1)[-1], "export_url": plan.export,
+        result = {"stage": plan.stage, "variant": plan.variant, "export_url": plan.export,
                   "config_hash": config_hash(cfg), "checkpoint_url": plan.checkpoints,
                   "steps": plan.total_steps, "tasks": plan.tasks, "init_from": init_from,
                   "mlflow_run_id": run_id, "plan": asdict(plan)}
