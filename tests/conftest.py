@@ -17,6 +17,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def free_tcp_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (for unreachable-server tests)."""
+    return free_port()
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """A moto S3 server bound to 127.0.0.1 on a free port; stopped at the end of the session."""

@@ -50,10 +50,8 @@ def test_data_synth_to_s3(s3: str) -> None:
     assert read_manifest("s3://cli-bucket/world/train").num_samples == 6
 
 
-def test_data_synth_unreachable_endpoint_is_one_clear_error(tmp_path: Path) -> None:
-    from conftest import free_port
-
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "a",
+def test_data_synth_unreachable_endpoint_is_one_clear_error(tmp_path: Path, free_tcp_port: int) -> None:
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_tcp_port}", "AWS_ACCESS_KEY_ID": "a",
            "AWS_SECRET_ACCESS_KEY": "b"}
     res = cli("data", "synth", "--out", "s3://nobucket/world", "-n", "2", "--workers", "0", env=env)
     assert res.returncode == 1

@@ -217,14 +217,12 @@ def test_s3_wrong_secret_is_refused_with_one_clear_error(s3: str, monkeypatch) -
         requests.post(f"{s3}/moto-api/reset-auth", data=b"inf")
 
 
-def test_unreachable_endpoint_is_one_clear_error(monkeypatch) -> None:
-    from conftest import free_port
-
+def test_unreachable_endpoint_is_one_clear_error(monkeypatch, free_tcp_port: int) -> None:
     from versavit.config.schema import StorageConfig
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "a")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "b")
-    storage.configure(StorageConfig(s3_endpoint_url=f"http://127.0.0.1:{free_port()}"))
+    storage.configure(StorageConfig(s3_endpoint_url=f"http://127.0.0.1:{free_tcp_port}"))
     try:
         with pytest.raises(storage.StorageError, match="cannot reach the S3 endpoint") as info:
             storage.ensure_bucket("s3://nowhere/x")

@@ -11,7 +11,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from versavit.config.schema import LabelingConfig, SyntheticConfig, TeachersConfig  # noqa: E402
+from versavit.config.schema import SyntheticConfig  # noqa: E402
 from versavit.data.build import build_synthetic  # noqa: E402
 from versavit.labeling import tiny  # noqa: E402
 
@@ -25,17 +25,6 @@ def teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "describer": tiny.save_tiny_describer(root / "describer"),
         "embedder": tiny.save_tiny_embedder(root / "embedder"),
     }
-
-
-def labeling_config(teachers: dict[str, str], *, use_ground_truth: bool = False, describer: bool = True,
-                    batch_size: int = 2, depth_input_size: int = 56) -> LabelingConfig:
-    """The config a real run would have, pointing at the tiny teachers' folders."""
-    return LabelingConfig(
-        use_ground_truth=use_ground_truth, batch_size=batch_size, device="cpu",
-        teachers=TeachersConfig(depth=teachers["depth"], depth_input_size=depth_input_size, masks=teachers["masks"],
-                                describer=teachers["describer"] if describer else None,
-                                embedder=teachers["embedder"]),
-    )
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import labeling_config
+from label_helpers import labeling_config
 
 from versavit import storage
 from versavit.config.schema import SyntheticConfig
