@@ -63,7 +63,6 @@ def make_pipeline(cfg: RunConfig) -> Callable:
     import components as c
 
     default = config_json(cfg)
-    synthetic = cfg.data.source == "synthetic"
 
     @dsl.pipeline(name="versavit", description="VersaViT: multi-task post-training of an MLLM's vision encoder")
     def versavit(config_json: str = default):
@@ -73,20 +72,26 @@ def make_pipeline(cfg: RunConfig) -> Callable:
         with dsl.ExitHandler(closer, name="track-run"):
             opened = c.open_run(config_json=config_json, kfp_run_id=run_id).set_caching_options(False)
             parent = _cluster_settings(opened, cfg).output
-            upstream = ""
-            if synthetic:
-                data = _cluster_settings(c.data(config_json=config_json, parent_run_id=parent,
-                                                kfp_run_id=run_id), cfg)
-                _cluster_settings(c.data_check(config_json=config_json, dataset_url=data.output,
-                                               parent_run_id=parent, kfp_run_id=run_id), cfg)
-                labelled = c.label(config_json=config_json, dataset_url=data.output, parent_run_id=parent,
-                                   kfp_run_id=run_id).set_retry(RETRIES)
-                upstream = _cluster_settings(labelled, cfg, gpus=True).output
+            upstream = _data_and_labels(c, cfg, config_json, parent, run_id, check=True)
             last = _train_chain(c, cfg, config_json, "", upstream, parent, run_id)
             ev = c.evaluate(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id, manifest_1=last)
             _cluster_settings(ev, cfg, gpus=True)
 
     return versavit
+
+
+def _data_and_labels(c, cfg: RunConfig, config_json, parent, run_id, check: bool = False):  # noqa: ANN001, ANN202
+    """The synthetic world rendered (+ read back when `check`) and pseudo-labelled; returns the labelled
+    dataset URL for the training stages to wait on. Sharded sources arrive labelled: nothing to do ("")."""
+    if cfg.data.source != "synthetic":
+        return ""
+    data = _cluster_settings(c.data(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id), cfg)
+    if check:
+        _cluster_settings(c.data_check(config_json=config_json, dataset_url=data.output, parent_run_id=parent,
+                                       kfp_run_id=run_id), cfg)
+    labelled = c.label(config_json=config_json, dataset_url=data.output, parent_run_id=parent,
+                       kfp_run_id=run_id).set_retry(RETRIES)
+    return _cluster_settings(labelled, cfg, gpus=True).output
 
 
 def _train_chain(c, cfg: RunConfig, config_json, variant: str, upstream, parent, run_id):  # noqa: ANN001, ANN202
@@ -109,7 +114,6 @@ def make_ablation_pipeline(cfg: RunConfig) -> Callable:
     default = config_json(cfg)
     branches = {name: _with_overrides(default, [f"train.multitask.tasks=[{', '.join(tasks)}]"])
                 for name, tasks in ABLATION.items()}
-    synthetic = cfg.data.source == "synthetic"
 
     @dsl.pipeline(name="versavit-ablation-tasks", description="VersaViT Table 4: task subsets of the multi-task stage")
     def ablation(config_json: str = default):
@@ -118,13 +122,7 @@ def make_ablation_pipeline(cfg: RunConfig) -> Callable:
         with dsl.ExitHandler(closer, name="track-run"):
             opened = c.open_run(config_json=config_json, kfp_run_id=run_id).set_caching_options(False)
             parent = _cluster_settings(opened, cfg).output
-            upstream = ""
-            if synthetic:
-                data = _cluster_settings(c.data(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id),
-                                         cfg)
-                labelled = c.label(config_json=config_json, dataset_url=data.output, parent_run_id=parent,
-                                   kfp_run_id=run_id).set_retry(RETRIES)
-                upstream = _cluster_settings(labelled, cfg, gpus=True).output
+            upstream = _data_and_labels(c, cfg, config_json, parent, run_id)
             warm = _cluster_settings(c.train(config_json=config_json, stage="warmup", variant="", upstream=upstream,
                                              parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES), cfg)
             outs = []
@@ -164,7 +162,6 @@ def make_recipes_pipeline(cfg: RunConfig) -> Callable:
 
     default = config_json(cfg)
     branches = {variant: (branch, config_json(branch)) for variant, branch in recipe_branches(cfg).items()}
-    synthetic = cfg.data.source == "synthetic"
 
     @dsl.pipeline(name="versavit-recipes", description="Training recipes compared: VersaViT, VersaViT + "
                   "cross-task synergy (VITRON), SAILViT-style gradual feature refinement")
@@ -174,13 +171,7 @@ def make_recipes_pipeline(cfg: RunConfig) -> Callable:
         with dsl.ExitHandler(closer, name="track-run"):
             opened = c.open_run(config_json=config_json, kfp_run_id=run_id).set_caching_options(False)
             parent = _cluster_settings(opened, cfg).output
-            upstream = ""
-            if synthetic:
-                data = _cluster_settings(c.data(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id),
-                                         cfg)
-                labelled = c.label(config_json=config_json, dataset_url=data.output, parent_run_id=parent,
-                                   kfp_run_id=run_id).set_retry(RETRIES)
-                upstream = _cluster_settings(labelled, cfg, gpus=True).output
+            upstream = _data_and_labels(c, cfg, config_json, parent, run_id)
             last = [_train_chain(c, branch, branch_json, variant, upstream, parent, run_id)
                     for variant, (branch, branch_json) in branches.items()]
             ev = c.evaluate(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id,
