@@ -7,6 +7,7 @@ follow the config's recipe (`cfg.train.stages()`): one `train` task per stage, i
 """
 
 
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -67,17 +68,23 @@ def make_pipeline(cfg: RunConfig) -> Callable:
     @dsl.pipeline(name="versavit", description="VersaViT: multi-task post-training of an MLLM's vision encoder")
     def versavit(config_json: str = default):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        # the exit task may not depend on other tasks: it finds the parent run by the KFP run id
-        closer = _cluster_settings(c.close_run(config_json=config_json, kfp_run_id=run_id), cfg)
-        with dsl.ExitHandler(closer, name="track-run"):
-            opened = c.open_run(config_json=config_json, kfp_run_id=run_id).set_caching_options(False)
-            parent = _cluster_settings(opened, cfg).output
+        with _tracked(c, cfg, config_json, run_id) as parent:
             upstream = _data_and_labels(c, cfg, config_json, parent, run_id, check=True)
             last = _train_chain(c, cfg, config_json, "", upstream, parent, run_id)
             ev = c.evaluate(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id, manifest_1=last)
             _cluster_settings(ev, cfg, gpus=True)
 
     return versavit
+
+
+@contextlib.contextmanager
+def _tracked(c, cfg: RunConfig, config_json, run_id):  # noqa: ANN001, ANN202
+    """Open the MLflow parent run first and close it in an exit handler, whatever the stages do; yields
+    the parent run id. The exit task may not depend on other tasks: it finds the run by the KFP run id."""
+    closer = _cluster_settings(c.close_run(config_json=config_json, kfp_run_id=run_id), cfg)
+    with dsl.ExitHandler(closer, name="track-run"):
+        opened = c.open_run(config_json=config_json, kfp_run_id=run_id).set_caching_options(False)
+        yield _cluster_settings(opened, cfg).output
 
 
 def _data_and_labels(c, cfg: RunConfig, config_json, parent, run_id, check: bool = False):  # noqa: ANN001, ANN202
@@ -118,10 +125,7 @@ def make_ablation_pipeline(cfg: RunConfig) -> Callable:
     @dsl.pipeline(name="versavit-ablation-tasks", description="VersaViT Table 4: task subsets of the multi-task stage")
     def ablation(config_json: str = default):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        closer = _cluster_settings(c.close_run(config_json=config_json, kfp_run_id=run_id), cfg)
-        with dsl.ExitHandler(closer, name="track-run"):
-            opened = c.open_run(config_json=config_json, kfp_run_id=run_id).set_caching_options(False)
-            parent = _cluster_settings(opened, cfg).output
+        with _tracked(c, cfg, config_json, run_id) as parent:
             upstream = _data_and_labels(c, cfg, config_json, parent, run_id)
             warm = _cluster_settings(c.train(config_json=config_json, stage="warmup", variant="", upstream=upstream,
                                              parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES), cfg)
@@ -167,10 +171,7 @@ def make_recipes_pipeline(cfg: RunConfig) -> Callable:
                   "cross-task synergy (VITRON), SAILViT-style gradual feature refinement")
     def recipes(config_json: str = default):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        closer = _cluster_settings(c.close_run(config_json=config_json, kfp_run_id=run_id), cfg)
-        with dsl.ExitHandler(closer, name="track-run"):
-            opened = c.open_run(config_json=config_json, kfp_run_id=run_id).set_caching_options(False)
-            parent = _cluster_settings(opened, cfg).output
+        with _tracked(c, cfg, config_json, run_id) as parent:
             upstream = _data_and_labels(c, cfg, config_json, parent, run_id)
             last = [_train_chain(c, branch, branch_json, variant, upstream, parent, run_id)
                     for variant, (branch, branch_json) in branches.items()]

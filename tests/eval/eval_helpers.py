@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tiny_model import TINY_MODEL
 
 from versavit.config import load_config
 from versavit.config.schema import RunConfig
@@ -50,14 +51,7 @@ def eval_overrides(workdir: Path) -> list[str]:
         f"workdir={workdir}", "data.num_workers=0",
         "data.synthetic.num_train=24", "data.synthetic.num_val=8", "data.synthetic.image_size=56",
         "data.synthetic.samples_per_shard=8",
-        "model.backbone.embed_dim=32", "model.backbone.depth=3", "model.backbone.num_heads=2",
-        "model.backbone.mlp_ratio=2.0",
-        "model.heads.caption.projector_hidden=32", "model.heads.caption.tiny_llm_hidden=32",
-        "model.heads.caption.tiny_llm_layers=1", "model.heads.caption.max_text_tokens=48",
-        "model.heads.depth.features=16", f"model.heads.refseg.text_dim={EMB_DIM}",
-        "model.heads.refseg.decoder_dim=32", "model.heads.refseg.decoder_depth=1",
-        "model.heads.refseg.decoder_heads=2",
-        "train.multitask.resolution={caption_max: 56, caption_min: 28, depth: 56, refseg: 56}",
+        *TINY_MODEL, f"model.heads.refseg.text_dim={EMB_DIM}",
         "eval.probe={seg_resolution: 56, depth_resolution: 56, epochs: 3, batch_size: 8, lr: 0.01}",
         "tracking.experiment=eval-test",
     ]
