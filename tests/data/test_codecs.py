@@ -69,3 +69,16 @@ def test_decode_sample_raises_on_corrupt_image() -> None:
     with pytest.raises(ValueError, match="depth.scale"):
         codecs.decode_sample({"__key__": "b", "depth.png": codecs.encode_depth(np.ones((4, 4)))[0],
                               "json": b"{}"})
+
+
+def test_lazy_sample_decodes_on_access_like_decode_sample() -> None:
+    depth = np.linspace(1, 9, 16, dtype=np.float32).reshape(4, 4)
+    png, scale = codecs.encode_depth(depth)
+    raw = {"__key__": "k", "depth.png": png, "json": codecs.encode_json({"depth": {"scale": scale}}),
+           "rgb.png": b"not a png", "txt": b"hello"}
+    lazy = codecs.LazySample(raw)
+    assert set(lazy) == {"__key__", "json", "rgb.png", "txt", "depth", "depth_valid"} and "depth.png" not in lazy
+    assert lazy["txt"] == "hello" and np.allclose(lazy["depth"], depth, rtol=1e-3) and lazy["depth_valid"].all()
+    assert lazy.get("inst.png") is None
+    with pytest.raises(Exception, match="cannot identify|not a png|PNG"):
+        lazy["rgb.png"]  # corrupt bytes raise when (and only when) read

@@ -24,7 +24,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import pytorch_worker_info
 
 from versavit import storage
-from versavit.data.codecs import decode_sample
+from versavit.data.codecs import LazySample, decode_sample
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,8 @@ def _decode_and_transform(data: Iterable[dict], required: tuple[str, ...], trans
             missing = [f for f in required if f not in raw]
             if missing:
                 raise ValueError(f"sample {raw.get('__key__')} in {raw.get('__url__')} lacks {missing}")
-            sample = decode_sample(raw)
-            out = transform(sample) if transform is not None else sample
+            # with a transform, only the fields it reads are decoded (inside this try: corrupt ones skip)
+            out = transform(LazySample(raw)) if transform is not None else decode_sample(raw)
         except Exception as exn:
             if stats.handler(exn):
                 continue

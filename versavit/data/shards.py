@@ -121,8 +121,9 @@ class ShardWriter:
         name = f"shard-{self._index:06d}.tar"
         self._ctx = storage.atomic_local_file(storage.join(self.url, name), suffix=".tar")
         self._local = self._ctx.__enter__()
-        # a fixed mtime makes shards byte-reproducible, so equal data gives equal digests
-        self._tar = wds.TarWriter(self._local, encoder=False, mtime=0.0)
+        # a fixed mtime makes shards byte-reproducible, so equal data gives equal digests; an int one
+        # keeps plain ustar headers (a float adds a PAX header per member, ~15% of the reading time)
+        self._tar = wds.TarWriter(self._local, encoder=False, mtime=0)
         self._count = 0
 
     def _close_shard(self, error: BaseException | None = None) -> None:
