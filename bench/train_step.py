@@ -1,11 +1,20 @@
 """Training step anatomy on a small config: per-task samples/s, data wait vs. compute, FLOP/s.
 
-One process (world 1, gloo), the real `Trainer` (DeepSpeed ZeRO-2 engine, resampled shard
-streams, lambda-weighted accumulation over tasks) against the bare forward+backward of the same
-batches held in memory, on the same model. Achieved FLOP/s come from torch's FLOP counter on the
-bare pass, as a fraction of this machine's measured matmul FLOP/s in the same precision.
+One process (world 1, gloo) and the tiny config's model, tasks and batch sizes, three ways on the
+same kind of batches, in alternating rounds so that drift of a shared machine hits all three alike:
 
-    python bench/train_step.py [--steps 6] [--size 112] [--precision bf16|fp32]
+    ours       the real `Trainer.step`: DeepSpeed engine (ZeRO-2), lambda-weighted accumulation over
+               the tasks, one optimiser update per cycle, batches from the resampled shard streams
+               whose DataLoader workers run on the same cores
+    in-memory  the same `Trainer.step` fed batches held in memory (loader workers stopped): the
+               loop and DeepSpeed's cost without the loader's
+    bare       forward + backward of the same batches through a plain copy of the model (no
+               DeepSpeed hooks, no optimiser): the floor
+
+Achieved FLOP/s come from torch's FLOP counter on the bare pass, as a fraction of this machine's
+measured matmul FLOP/s in the same precision.
+
+    python bench/train_step.py [--rounds 4] [--steps 4] [--size 224] [--workers 1] [--zero 2]
 
 Targets (issue 3): data wait <= 10% of step time; our step within 10% of bare fwd+bwd.
 Paper-size backbone memory (<= 1.3x bf16 parameter bytes): bench/backbone_memory.py.
@@ -14,6 +23,7 @@ Paper-size backbone memory (<= 1.3x bf16 parameter bytes): bench/backbone_memory
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import tempfile
@@ -38,18 +48,24 @@ def matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 1.5) -> flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="alternating rounds of ours / in-memory / bare (default: 24 without workers, else 8)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="optimiser steps per round and way (default: 1 without loader workers, else 3)")
     ap.add_argument("--warmup-steps", type=int, default=2)
-    ap.add_argument("--size", type=int, default=112, help="image side (multiple of 28)")
+    ap.add_argument("--size", type=int, default=224, help="image side (multiple of 28); tiny.yaml's is 224")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
-    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers per task stream")
+    ap.add_argument("--workers", default="auto", help="DataLoader workers per task stream (auto: as training does)")
     ap.add_argument("--zero", type=int, default=2, choices=[0, 1, 2], help="DeepSpeed ZeRO stage")
+    ap.add_argument("--overrides", nargs="*", default=[], help="extra dotted config overrides")
     args = ap.parse_args()
 
     from versavit.config import load_config
     from versavit.config.schema import SyntheticConfig
     from versavit.data.build import build_synthetic, labelled_root, synthetic_root
+    from versavit.data.loader import loader_workers
     from versavit.labeling.jobs import label_dataset
+    from versavit.models.multitask import VersaViT
     from versavit.train.loop import Trainer
 
     workdir = Path(tempfile.mkdtemp(prefix="versavit-bench-train-"))
@@ -58,9 +74,10 @@ def main() -> None:
         f"workdir={workdir}", f"data.num_workers={args.workers}", "tracking.enabled=false",
         f"data.synthetic.image_size={s}", "data.synthetic.num_train=64", "data.synthetic.num_val=4",
         f"train.multitask.resolution={{caption_max: {s}, caption_min: 28, depth: {s}, refseg: {s}}}",
-        f"train.precision={args.precision}", "train.multitask.max_steps=1000", "launch.nproc_per_node=1",
-        f"train.zero_stage={args.zero}",
+        f"train.precision={args.precision}", "train.multitask.max_steps=10000", "launch.nproc_per_node=1",
+        f"train.zero_stage={args.zero}", *args.overrides,
     ])
+    workers = loader_workers(cfg.data.num_workers, training=True)
     print(f"building a {s}px world and its text embeddings in {workdir} ...", flush=True)
     build_synthetic(synthetic_root(str(workdir)), SyntheticConfig(**cfg.data.synthetic.model_dump()), workers=2)
     label_dataset("embed", f"{synthetic_root(str(workdir))}/train", f"{labelled_root(str(workdir))}/train",
@@ -68,44 +85,75 @@ def main() -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29531", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     tr = Trainer.setup(cfg, "multitask", resume=False)
-    for step in range(args.warmup_steps):
-        tr.step(step)
-    points = [tr.step(args.warmup_steps + i) for i in range(args.steps)]
+    plan = tr.plan
+    # a plain copy of the model: the engine's module carries DeepSpeed's gradient hooks
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    bare_model = VersaViT.build(cfg.model, tasks=plan.tasks, weights=cfg.train.multitask.loss_weights, dtype=dtype)
+    bare_model.load_state_dict(tr.engine.module.state_dict())
+    bare_model.train()
 
-    # the same kind of batches, in memory, through the same model: forward + backward only
-    model = tr.engine.module
-    batches = [{t: next(tr.streams[t]) for t in tr.plan.tasks} for _ in range(args.steps)]
-    weights = tr.plan.weights
-
-    def bare_step(b: dict) -> None:
-        for task in tr.plan.micro_steps:
-            loss, _ = model(task, b[task])
-            (weights[task] * loss).backward()
-        model.zero_grad(set_to_none=True)
-
-    bare_step(batches[0])
-    bare = []
-    for b in batches:
+    def bare_step(b: dict) -> float:
         t0 = time.perf_counter()
-        bare_step(b)
-        bare.append(time.perf_counter() - t0)
+        for task in plan.micro_steps:
+            loss, _ = bare_model(task, b[task])
+            (plan.weights[task] * loss / plan.micro_steps.count(task)).backward()
+        bare_model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    step = 0
+
+    def run(n: int) -> list[dict[str, float]]:
+        nonlocal step
+        points = [tr.step(step + i) for i in range(n)]
+        step += n
+        return points
+
+    # Without loader workers nothing runs between steps, so the three ways alternate step by step (paired
+    # on a drifting machine); with workers, their streams are stopped for the other two ways and restarted.
+    rounds = args.rounds or (24 if workers == 0 else 8)
+    args.steps = args.steps or (1 if workers == 0 else 3)
+    run(args.warmup_steps)
+    batches = [{t: next(tr.streams[t]) for t in plan.tasks} for _ in range(4)]
+    bare_step(batches[0])
+    ours: list[dict[str, float]] = []
+    in_memory: list[float] = []
+    bare: list[float] = []
+    ratios: list[tuple[float, float]] = []  # per round: ours / bare, in-memory / bare
+    held = {t: itertools.cycle([b[t] for b in batches]) for t in plan.tasks}
+    for r in range(rounds):
+        if r and workers:
+            tr.open_streams()
+            run(1)  # workers started and prefetching again; not counted
+        ours += run(args.steps)
+        loader_streams = {} if workers else tr.streams
+        tr.close_streams()  # with workers: the last reference, so they stop; nothing runs beside the other ways
+        tr.streams = held
+        in_memory += [p["time/step_s"] for p in run(args.steps)]
+        bare += [bare_step(batches[(r * args.steps + i) % len(batches)]) for i in range(args.steps)]
+        tr.streams = loader_streams
+        o, m, b = (statistics.median(x[-args.steps:]) for x in ([p["time/step_s"] for p in ours], in_memory, bare))
+        ratios.append((o / b, m / b))
+        print(f"round {r + 1}/{rounds}: ours {o:.3f} s, in-memory {m:.3f} s, bare {b:.3f} s", flush=True)
+    tr.close_streams()
+
     with FlopCounterMode(display=False) as counter:
         bare_step(batches[0])
     flops = counter.get_total_flops()
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     peak = matmul_flops(dtype)
 
-    step_s = statistics.median(p["time/step_s"] for p in points)
-    wait = statistics.median(p["time/data_wait_frac"] for p in points)
-    bare_s = statistics.median(bare)
-    print(f"\nconfig: tiny model at {s}px, {args.precision}, tasks {tr.plan.tasks}, "
-          f"batches {tr.plan.batch_size}, {args.workers} loader workers/task, ZeRO-{args.zero}, "
-          f"median of {args.steps} steps")
-    for t in tr.plan.tasks:
-        print(f"  {t:8s} {statistics.median(p[f'throughput/{t}_samples_per_s'] for p in points):8.1f} samples/s")
+    step_s = statistics.median(p["time/step_s"] for p in ours)
+    wait = statistics.median(p["time/data_wait_frac"] for p in ours)
+    mem_s, bare_s = statistics.median(in_memory), statistics.median(bare)
+    n = rounds * args.steps
+    ours_ratio, mem_ratio = (statistics.median(r[i] for r in ratios) for i in (0, 1))
+    print(f"\nconfig: tiny model at {s}px, {args.precision}, tasks {plan.tasks}, batches {plan.batch_size}, "
+          f"{workers} loader worker(s)/task, ZeRO-{args.zero}, medians of {n} steps per way; ratios: median "
+          f"over {rounds} rounds of the round's medians")
+    for t in plan.tasks:
+        print(f"  {t:8s} {statistics.median(p[f'throughput/{t}_samples_per_s'] for p in ours):8.1f} samples/s")
     print(f"step time (ours): {step_s:.3f} s   data wait: {wait:.1%} of the step (target <= 10%)")
-    print(f"bare fwd+bwd of the same batches: {bare_s:.3f} s   ours / bare = {step_s / bare_s:.2f} "
-          "(target <= 1.10)")
+    print(f"in-memory batches (loop + DeepSpeed, no loader): {mem_s:.3f} s   in-memory / bare = {mem_ratio:.2f}")
+    print(f"bare fwd+bwd of the same batches: {bare_s:.3f} s   ours / bare = {ours_ratio:.2f} (target <= 1.10)")
     print(f"FLOPs per step (fwd+bwd): {flops / 1e9:.2f} GFLOP; achieved {flops / step_s / 1e9:.1f} GFLOP/s ours, "
           f"{flops / bare_s / 1e9:.1f} GFLOP/s bare")
     print(f"machine matmul ({args.precision}, 1024^3): {peak / 1e9:.1f} GFLOP/s -> ours at "

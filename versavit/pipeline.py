@@ -17,6 +17,7 @@ from versavit import storage
 from versavit.config import RunConfig
 from versavit.data.build import build_synthetic, synthetic_root
 from versavit.data.inspect import inspect_dataset
+from versavit.data.loader import loader_workers
 from versavit.data.shards import Manifest, read_manifest
 from versavit.progress import per_name, progress_bar
 from versavit.tracking import RunHandle, Tracker, default_tracking_uri
@@ -68,7 +69,8 @@ def run_data(cfg: RunConfig, tracker: Tracker, run: RunHandle, console: Console 
     if missing:
         with progress_bar() as bar:
             manifests.update(build_synthetic(root, syn, splits=missing, progress=per_name(bar, "render"),
-                                             workers=cfg.data.num_workers if workers is None else workers))
+                                             workers=loader_workers(cfg.data.num_workers, training=False)
+                                             if workers is None else workers))
     elif console:
         console.print(f"data: reusing the synthetic world at {root} (same settings)")
     elapsed = time.perf_counter() - start
@@ -95,7 +97,7 @@ def run_data_check(cfg: RunConfig, tracker: Tracker, run: RunHandle, manifests: 
     with progress_bar() as bar:
         for split, m in manifests.items():
             task = bar.add_task(f"read {split}", total=m.num_samples)
-            res = inspect_dataset([m.url], num_workers=cfg.data.num_workers,
+            res = inspect_dataset([m.url], num_workers=loader_workers(cfg.data.num_workers, training=False),
                                   max_corrupt_fraction=cfg.data.max_corrupt_fraction,
                                   progress=lambda n, t=task: bar.update(t, completed=n))
             preview = res.pop("preview")

@@ -263,3 +263,16 @@ def test_unreachable_endpoint_is_one_clear_error(monkeypatch, free_tcp_port: int
         assert info.value.kind == "unreachable"
     finally:
         storage.configure(StorageConfig())
+
+
+def test_loader_workers_auto_is_none_for_cpu_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    from versavit.data.loader import loader_workers
+
+    assert loader_workers(3, training=True) == 3 and loader_workers(0, training=False) == 0
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert loader_workers("auto", training=True) == 0
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert loader_workers("auto", training=True) == 2
+    assert loader_workers("auto", training=False) >= 1
+    with pytest.raises(ValueError, match="data.num_workers"):
+        loader_workers(-1, training=True)

@@ -1,7 +1,10 @@
-"""Fixture of the training tests: a workdir whose data stage is done (helpers in train_helpers.py)."""
+"""Fixtures of the training tests: a workdir whose data stage is done, an in-process process group
+(helpers in train_helpers.py)."""
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -22,3 +25,20 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for split in ("train", "val"):
         add_embeddings(f"{root}/{split}")
     return workdir
+
+
+@pytest.fixture(scope="session")
+def world_of_one():
+    """Env for an in-process process group (world 1, gloo, a free port); restored afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

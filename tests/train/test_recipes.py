@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 from pathlib import Path
 
-import pytest
 import torch
 from train_helpers import ROOT, tiny_overrides
 
@@ -98,23 +95,6 @@ def test_global_batch_accumulates_single_task_stages(tmp_path: Path) -> None:
     assert plan_stage(cfg, "coarse", world=2).micro_steps == ["caption"] * 2
     assert plan_stage(cfg, "coarse", world=1).micro_steps == ["caption"] * 4
     assert plan_stage(cfg, "knowledge").weights == {"caption": 1.0}
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    """Env for an in-process process group (world 1, gloo, a free port); restored afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _state_before(cfg: RunConfig, stage: str, variant: str) -> tuple[dict[str, torch.Tensor], set[str]]:

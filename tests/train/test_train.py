@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -180,3 +181,23 @@ def test_a_dying_rank_is_reported_by_rank_with_its_log(tiny_world: Path, tmp_pat
     assert "rank 1: killed by SIGKILL" in res.stderr, res.stderr[-2000:]
     assert "fault injection" in res.stderr  # the dying rank's own last log line is shown
     assert "Traceback" not in res.stderr.split("error:")[-1]
+
+
+def test_a_non_finite_gradient_norm_stops_the_run(tiny_world: Path, tmp_path: Path, world_of_one: None) -> None:
+    """bf16 runs without DeepSpeed's per-tensor overflow scan: the loop checks the global norm instead."""
+    import torch
+
+    from versavit.train.loop import Trainer
+
+    cfg = tiny_config(workdir_with_data(tiny_world, tmp_path), "train.multitask.max_steps=4",
+                      "train.multitask.tasks=[depth]", "tracking.enabled=false")
+    tr = Trainer.setup(cfg, "multitask", resume=False)
+    try:
+        point = tr.step(0)
+        assert point["grad_norm"] > 0 and math.isfinite(point["grad_norm"])
+        weight = next(p for n, p in tr.engine.module.named_parameters() if n.startswith("heads.depth."))
+        weight.register_hook(lambda g: torch.full_like(g, float("inf")))  # finite loss, infinite gradient
+        with pytest.raises(FloatingPointError, match="step 1: gradient norm is inf"):
+            tr.step(1)
+    finally:
+        tr.close_streams()

@@ -80,7 +80,12 @@ class DataConfig(Strict):
         description="per-task shards; with source=synthetic every task reads the synthetic world",
     )
     shuffle_buffer: int = Field(256, ge=0)
-    num_workers: int = Field(2, ge=0)
+    num_workers: int | Literal["auto"] = Field(
+        "auto",
+        description="DataLoader worker processes per task stream and for data jobs; auto: none for training "
+        "on CPU (the step already uses every core, workers only contend: bench/train_step.py), 2 per task on "
+        "GPUs, every core for data jobs",
+    )
     max_corrupt_fraction: float = Field(
         0.05, ge=0, le=1, description="stop the run once more than this fraction of samples is corrupt"
     )

@@ -27,7 +27,7 @@ from versavit import storage
 from versavit.config.schema import RunConfig
 from versavit.data.build import labelled_root, synthetic_root
 from versavit.data.codecs import decode_rle
-from versavit.data.loader import CorruptionStats, make_loader, shard_pipeline
+from versavit.data.loader import CorruptionStats, loader_workers, make_loader, shard_pipeline
 from versavit.data.shards import resolve_shards
 
 CAPTION_PROMPT = "Describe the image."
@@ -208,7 +208,7 @@ def task_batches(cfg: RunConfig, task: str, batch_size: int, batches_done: int =
     `batches_done` batches are skipped (cheaply, before decoding): the data position on resume.
     `caption_source` picks the caption task's text (TEXT_SOURCES).
     """
-    workers = cfg.data.num_workers if num_workers is None else num_workers
+    workers = loader_workers(cfg.data.num_workers, training=True) if num_workers is None else num_workers
     stats = CorruptionStats(cfg.data.max_corrupt_fraction, cfg.data.min_samples_before_corrupt_check)
     pipeline = shard_pipeline(
         resolve_shards(task_urls(cfg, task)), stats=stats, resampled=True,

@@ -194,11 +194,21 @@ class Trainer:
                             deepspeed_config(cfg.train, len(plan.micro_steps), optim_cfg.grad_clip))
         client = (checkpoint.load(engine, plan.checkpoints, rank) if resume else None) or {}
         batches_done: dict[str, int] = dict(client.get("batches_done", {t: 0 for t in plan.tasks}))
-        streams = {t: task_batches(cfg, t, plan.batch_size[t], batches_done[t], seed_offset=i,
-                                   caption_source=plan.caption_source)
-                   for i, t in enumerate(plan.tasks)}
-        return cls(cfg, plan, engine, optimizer, streams, batches_done, device, rank, world,
-                   int(client.get("step", 0)), init_from, inherited)
+        trainer = cls(cfg, plan, engine, optimizer, {}, batches_done, device, rank, world,
+                      int(client.get("step", 0)), init_from, inherited)
+        trainer.open_streams()
+        return trainer
+
+    def open_streams(self) -> None:
+        """One resampled stream per task, starting at its data position (`batches_done`)."""
+        self.close_streams()
+        self.streams = {t: task_batches(self.cfg, t, self.plan.batch_size[t], self.batches_done[t], seed_offset=i,
+                                        caption_source=self.plan.caption_source)
+                        for i, t in enumerate(self.plan.tasks)}
+
+    def close_streams(self) -> None:
+        """Release the streams; their DataLoader workers stop when the last reference goes."""
+        self.streams = {}
 
     def step(self, step: int) -> dict[str, float]:
         """One optimiser step: a micro-step per entry of plan.micro_steps, then the metrics point."""
@@ -226,6 +236,11 @@ class Trainer:
                     extra.setdefault(k if k.startswith("synergy/") else f"parts/{task}/{k}", []).append(v)
             self.batches_done[task] += 1
             task_time[task] += time.perf_counter() - t1
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            raise FloatingPointError(f"step {step}: gradient norm is {float(grad_norm)} on rank {self.rank} after "
+                                     "finite losses; the run stops (the last checkpoint is intact): lower the "
+                                     "learning rates or use train.precision=fp32 to find the layer")
         step_time = time.perf_counter() - t_step
         keys = sorted(extra)  # the same on every rank: every rank ran the same micro-steps
         means = _mean_over_ranks([sum(v) / len(v) for v in losses.values()]
@@ -233,6 +248,8 @@ class Trainer:
         point: dict[str, float] = {f"loss/{t}": v for t, v in zip(plan.tasks, means, strict=False)}
         point["loss/total"] = sum(plan.weights[t] * point[f"loss/{t}"] for t in plan.tasks)
         point.update(zip(keys, means[len(plan.tasks):], strict=True))
+        if grad_norm is not None:
+            point["grad_norm"] = float(grad_norm)
         for g in self.optimizer.param_groups:
             point[f"lr/{g['name']}"] = g["lr"]
         for t in plan.tasks:
@@ -287,6 +304,7 @@ def run_stage(cfg: RunConfig, stage: str, variant: str = "") -> dict[str, Any]:
         tracker.end_run(run, "FAILED")
         raise
     finally:
+        tr.close_streams()
         progress.close()
         tracker.close()
         if rank == 0:
