@@ -25,6 +25,7 @@ Paper-size backbone memory (<= 1.3x bf16 parameter bytes): bench/backbone_memory
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import tempfile
@@ -52,6 +53,49 @@ def _recording(stream: Iterator, into: list) -> Iterator:
     for batch in stream:
         into.append(batch)
         yield batch
+
+
+def deepspeed_breakdown(tr, recorded: dict[str, list], n: int) -> dict[str, float]:
+    """ms per optimiser step inside DeepSpeed's ZeRO functions, over n more steps on held batches.
+
+    Timers wrap the optimiser's methods on the class for these steps only (so the rounds above are
+    untimed); nested names are parts of their parents.
+    """
+    from deepspeed.runtime.zero import stage_1_and_2 as zero
+
+    parts = {
+        "gradient hooks (process_gradients)": (zero.DeepSpeedZeroOptimizer, "process_gradients"),
+        "gradient hooks (count_used_parameters_in_backward)": (zero, "count_used_parameters_in_backward"),
+        "backward epilogue (reduce + copy to fp32 partitions)":
+            (zero.DeepSpeedZeroOptimizer, "independent_gradient_partition_epilogue"),
+        "optimiser step, all": (zero.DeepSpeedZeroOptimizer, "step"),
+        "  global grad norm (clipping)": (zero.DeepSpeedZeroOptimizer, "scaled_global_norm"),
+        "  AdamW on the fp32 partitions": (zero.DeepSpeedZeroOptimizer, "_optimizer_step"),
+        "  copy back to bf16 weights": (zero.DeepSpeedZeroOptimizer, "_update_model_bit16_weights"),
+    }
+    spent = dict.fromkeys(parts, 0.0)
+    originals = {name: getattr(owner, attr) for name, (owner, attr) in parts.items()}
+
+    def timed(name: str, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - t0
+        return wrapper
+
+    for name, (owner, attr) in parts.items():
+        setattr(owner, attr, timed(name, originals[name]))
+    try:
+        tr.streams = {t: itertools.cycle(v) for t, v in recorded.items()}
+        for i in range(n):
+            tr.step(10**6 + i)
+    finally:
+        for name, (owner, attr) in parts.items():
+            setattr(owner, attr, originals[name])
+        tr.close_streams()
+    return {name: 1000 * t / n for name, t in spent.items()}
 
 
 def main() -> None:
@@ -146,6 +190,7 @@ def main() -> None:
         ratios.append((o / b, loop / b, m / b))
         print(f"round {r + 1}/{rounds}: ours {o:.3f} s, in-memory {m:.3f} s, bare {b:.3f} s", flush=True)
     tr.close_streams()
+    breakdown = deepspeed_breakdown(tr, recorded, n=max(3, args.steps))
 
     with FlopCounterMode(display=False) as counter:
         bare_step({t: iter(recorded[t]) for t in plan.tasks})
@@ -167,6 +212,9 @@ def main() -> None:
     print(f"multi-task loop (ours minus its data wait) / bare = {loop_ratio:.2f} (target <= 1.10)")
     print(f"  the same loop on batches held in memory: {statistics.median(in_memory):.3f} s; / bare = {mem_ratio:.2f}")
     print(f"  ours including the data wait / bare = {ours_ratio:.2f} (the loader shares the cores with the step)")
+    print("DeepSpeed's share of a step (ms per optimiser step, held batches):")
+    for name, ms in breakdown.items():
+        print(f"  {name:55s} {ms:7.1f}")
     print(f"FLOPs per step (fwd+bwd): {flops / 1e9:.2f} GFLOP; achieved {flops / step_s / 1e9:.1f} GFLOP/s ours, "
           f"{flops / bare_s / 1e9:.1f} GFLOP/s bare")
     print(f"machine matmul ({args.precision}, 1024^3): {peak / 1e9:.1f} GFLOP/s -> ours at "
