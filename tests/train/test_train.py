@@ -201,3 +201,16 @@ def test_a_non_finite_gradient_norm_stops_the_run(tiny_world: Path, tmp_path: Pa
             tr.step(1)
     finally:
         tr.close_streams()
+
+
+def test_deepspeed_config_follows_the_run_config(tiny_world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from versavit.train.engine import deepspeed_config
+
+    cfg = tiny_config(tiny_world, "train.zero_stage=2", "train.precision=bf16")
+    ds = deepspeed_config(cfg.train, grad_accum=3, grad_clip=1.0)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_accumulation_steps"] == 3
+    assert ds["gradient_clipping"] == 1.0 and ds["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert deepspeed_config(cfg.train, 3, 1.0)["zero_optimization"]["contiguous_gradients"] is False
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # GPUs: against fragmentation
+    assert deepspeed_config(cfg.train, 3, 1.0)["zero_optimization"]["contiguous_gradients"] is True
