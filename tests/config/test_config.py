@@ -58,6 +58,7 @@ def test_config_hash_changes_with_content() -> None:
     [
         ("train.multitask.max_stepz=3", "train.multitask.max_stepz", "unknown key"),
         ("data.num_workers=abc", "data.num_workers", "valid integer"),
+        ("data.num_workers=-1", "data.num_workers", "greater than or equal to 0"),
         ("train.multitask.resolution.depth=530", "train.multitask.resolution.depth", "multiple of 28"),
         ("eval.probe.seg_resolution=500", "eval.probe.seg_resolution", "multiple of 28"),
         ("train.multitask.loss_weights.depth=-0.5", "train.multitask.loss_weights.depth",

@@ -6,7 +6,7 @@ to the paper's recipe (RECIPE.md); `configs/tiny.yaml` scales sizes down for a 2
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -80,7 +80,7 @@ class DataConfig(Strict):
         description="per-task shards; with source=synthetic every task reads the synthetic world",
     )
     shuffle_buffer: int = Field(256, ge=0)
-    num_workers: int | Literal["auto"] = Field(
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto",
         description="DataLoader worker processes per task stream and for data jobs; auto: none for training "
         "on CPU (the step already uses every core, workers only contend: bench/train_step.py), 2 per task on "

@@ -141,8 +141,9 @@ DECODERS = {
 def _decode_field(raw: dict[str, Any], name: str, decoded: dict[str, Any]) -> Any:
     """One field of a decoded sample: "depth"/"depth_valid" come from depth.png + json depth.scale."""
     if name in ("depth", "depth_valid"):
-        meta = decoded["json"] if "json" in decoded else DECODERS["json"](raw["json"]) if "json" in raw else {}
-        scale = ((meta or {}).get("depth") or {}).get("scale")
+        if "json" in raw and "json" not in decoded:
+            decoded["json"] = DECODERS["json"](raw["json"])
+        scale = ((decoded.get("json") or {}).get("depth") or {}).get("scale")
         if scale is None:
             raise ValueError(f"sample {raw.get('__key__')} has depth.png but no json depth.scale")
         decoded["depth"], decoded["depth_valid"] = decode_depth(raw["depth.png"], scale)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -213,8 +214,6 @@ def loader_workers(setting: int | str, training: bool) -> int:
         return setting
     if training:
         return 2 if torch.cuda.is_available() else 0
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 

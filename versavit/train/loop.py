@@ -237,8 +237,9 @@ class Trainer:
             self.batches_done[task] += 1
             task_time[task] += time.perf_counter() - t1
         grad_norm = engine.get_global_grad_norm()
-        if grad_norm is not None and not math.isfinite(float(grad_norm)):
-            raise FloatingPointError(f"step {step}: gradient norm is {float(grad_norm)} on rank {self.rank} after "
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            raise FloatingPointError(f"step {step}: gradient norm is {grad_norm} on rank {self.rank} after "
                                      "finite losses; the run stops (the last checkpoint is intact): lower the "
                                      "learning rates or use train.precision=fp32 to find the layer")
         step_time = time.perf_counter() - t_step
@@ -249,7 +250,7 @@ class Trainer:
         point["loss/total"] = sum(plan.weights[t] * point[f"loss/{t}"] for t in plan.tasks)
         point.update(zip(keys, means[len(plan.tasks):], strict=True))
         if grad_norm is not None:
-            point["grad_norm"] = float(grad_norm)
+            point["grad_norm"] = grad_norm
         for g in self.optimizer.param_groups:
             point[f"lr/{g['name']}"] = g["lr"]
         for t in plan.tasks:
