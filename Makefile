@@ -4,32 +4,61 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.versavit-installed
 CONFIG ?= configs/tiny.yaml
+# The lock of the interpreter that builds the venv: requirements/lock-py3.X.txt (`make lock`).
+PYVER  := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+LOCK   := requirements/lock-py$(PYVER).txt
+LOCK_PYTHONS := 3.10 3.11 3.12 3.13
+PIP_VERSION := 26.3
+PIP    := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint imports bench lock clean
 
 # torch==2.13.0 goes in first: a bare `torch` requirement would pull a multi-GB CUDA build on a
-# CPU machine (a GPU box gets PyPI's CUDA build of the same version). The stamp makes set-up
-# idempotent and instant once done; it is redone when pyproject.toml changes.
-$(STAMP): pyproject.toml
+# CPU machine (a GPU box gets PyPI's CUDA build of the same version). Then everything else exactly
+# as locked, then versavit itself without dependencies. The stamp makes set-up idempotent and
+# instant once done; it is redone when pyproject.toml or the lock changes.
+$(STAMP): pyproject.toml $(LOCK)
+	@test -f $(LOCK) || { echo "error: no lock for Python $(PYVER) ($(LOCK)); supported: $(LOCK_PYTHONS). Use PYTHON=python3.X" >&2; exit 2; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PIP) pip==$(PIP_VERSION)
+	$(PIP) -r requirements/torch.txt
+	$(PIP) -r $(LOCK)
+	$(PIP) --no-deps -e .
+	$(PY) -m pip check --disable-pip-version-check
 	@touch $(STAMP)
+
+$(LOCK):
+	@echo "error: no lock for Python $(PYVER) ($(LOCK)); supported: $(LOCK_PYTHONS). Use PYTHON=python3.X" >&2; exit 2
 
 setup: $(STAMP)
 
 demo: setup
 	$(VENV)/bin/versavit pipeline run --local --config $(CONFIG)
 
+# The layer contract (pyproject.toml [tool.importlinter]) and the suite.
 test: setup
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+imports: setup
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) bench/data_loader.py
+
+# Re-resolve every lock from pyproject.toml, deliberately (never done by setup). Linux x86_64, the
+# platform of CI and of the images; torch pinned to the version the Makefile installs.
+lock: setup
+	@for v in $(LOCK_PYTHONS); do \
+	  echo "resolving requirements/lock-py$$v.txt"; \
+	  $(VENV)/bin/uv pip compile pyproject.toml --extra dev --python-version $$v \
+	    --python-platform x86_64-manylinux_2_28 --override requirements/torch.txt \
+	    --no-header --quiet -o requirements/lock-py$$v.txt || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

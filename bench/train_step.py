@@ -114,9 +114,10 @@ def main() -> None:
 
     from versavit.config import load_config
     from versavit.config.schema import SyntheticConfig
-    from versavit.data.build import build_synthetic, labelled_root, synthetic_root
+    from versavit.data.build import build_synthetic
     from versavit.data.loader import loader_workers
     from versavit.labeling.jobs import label_dataset
+    from versavit.layout import labelled_root, synthetic_root
     from versavit.models.multitask import VersaViT
     from versavit.train.loop import Trainer
 

@@ -91,10 +91,10 @@ def ui(config: Path = ConfigOpt, port: int = typer.Option(5000, "--port"),
     """Open the MLflow UI on the run's local store, bound to 127.0.0.1."""
     import subprocess
 
-    from versavit.tracking import default_tracking_uri
+    from versavit.tracking import tracking_uri
 
     cfg = _load(config, overrides)
-    uri = cfg.tracking.uri or default_tracking_uri(cfg.workdir)
+    uri = tracking_uri(cfg)
     console.print(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C to stop)")
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
@@ -144,7 +144,7 @@ def pipeline_run(
     overrides: list[str] = OverridesArg,
 ) -> None:
     """Run the whole workflow: data, labels, warm-up, multi-task training, evaluation (one MLflow parent run)."""
-    from versavit.pipeline import run_local
+    from versavit.kfp.local import run_local
 
     cfg = _load(config, overrides)
     if not local:
@@ -162,7 +162,7 @@ def pipeline_compile(
     overrides: list[str] = OverridesArg,
 ) -> None:
     """Compile the pipeline for a KFP server (KFP IR YAML); the config is embedded, credentials are not."""
-    from versavit.kfp_cluster import compile_pipeline
+    from versavit.kfp.cluster import compile_pipeline
 
     cfg = _load(config, overrides)
     compile_pipeline(cfg, pipeline, str(output))
@@ -180,7 +180,7 @@ def pipeline_submit(
     overrides: list[str] = OverridesArg,
 ) -> None:
     """Compile and submit to a KFP server; prints the run id and its URL."""
-    from versavit.kfp_cluster import submit_pipeline
+    from versavit.kfp.cluster import submit_pipeline
 
     cfg = _load(config, overrides)
     run_id, url = submit_pipeline(cfg, pipeline, host=host, experiment=experiment, namespace=namespace,
@@ -208,7 +208,8 @@ def _label(kind: str, config: Path | None, input_url: str, output_url: str, shar
     """Run one worker's slice of a labelling job, tracked in MLflow, and print its counts."""
     from rich.table import Table
 
-    from versavit.labeling import finalize_dataset, label_dataset
+    from versavit.labeling import finalize_dataset
+    from versavit.stages import label_shards
 
     cfg = _load(config, overrides)
     if shard_index >= num_shards:
@@ -222,37 +223,7 @@ def _label(kind: str, config: Path | None, input_url: str, output_url: str, shar
         console.print(f"{kind}: manifest written, {manifest.num_samples} samples in {len(manifest.shards)} shard(s)"
                       f" at {output_url}")
         return
-    tracker = run = None
-    if cfg.tracking.enabled:
-        from versavit.pipeline import make_tracker
-
-        tracker = make_tracker(cfg)
-        run = tracker.start_stage_run(f"label_{kind}", tracker.parent_from_env(),
-                                      tags={"versavit.shard_index": str(shard_index),
-                                            "versavit.num_shards": str(num_shards),
-                                            "versavit.label.input": input_url, "versavit.label.output": output_url})
-    status = "FAILED"
-    try:
-        with progress_bar() as bar:
-            task = bar.add_task(f"label {kind}", total=None)
-
-            def report(name: str, done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
-
-            summary = label_dataset(kind, input_url, output_url, cfg.labeling, shard_index, num_shards,
-                                    progress=report, tracker=tracker, run=run,
-                                    max_corrupt_fraction=cfg.data.max_corrupt_fraction)
-        if tracker is not None and run is not None and summary["manifest"]:  # lineage: the finished dataset
-            from versavit.data.shards import read_manifest
-
-            out = read_manifest(output_url)
-            tracker.log_dataset(run, out.name, output_url, out.digest, context="labelled",
-                                num_samples=out.num_samples)
-        status = "FINISHED"
-    finally:
-        if tracker is not None and run is not None:
-            tracker.end_run(run, status)
-            tracker.close()
+    summary = label_shards(cfg, kind, input_url, output_url, shard_index, num_shards)
     table = Table(title=f"label {kind}: worker {shard_index}/{num_shards}", show_header=False)
     for key in ("shards_total", "shards_mine", "shards_already_done"):
         table.add_row(key, str(summary[key]))
@@ -317,7 +288,7 @@ def eval_command(
     """Evaluate backbones on eval.benchmarks: linear probes, zero-shot depth, referring segmentation; write the
     comparison report (markdown + JSON + figures) and log every metric to MLflow."""
     from versavit.eval.run import baseline_candidate, compare_backbones, resolve_candidate, run_eval
-    from versavit.eval.run import cache_dir as eval_cache_dir
+    from versavit.layout import eval_cache_dir
 
     cfg = _load(config, overrides)
     if export:

@@ -9,37 +9,20 @@ output URL with the same settings is reused, so a retried or re-run pipeline doe
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
-from versavit import storage
+from versavit import layout, storage
 from versavit.config import RunConfig, config_hash, config_to_dict
-from versavit.data.build import labelled_root, synthetic_root
-from versavit.pipeline import make_tracker, run_data, run_data_check
-from versavit.tracking import PARENT_RUN_ENV, lineage_tags
-
-KFP_RUN_ENV = "KFP_RUN_ID"
-
-
-def _context(parent_run_id: str | None, kfp_run_id: str | None) -> None:
-    """Stages started by KFP get the parent and KFP run ids as arguments; pass them on by env."""
-    if parent_run_id:
-        os.environ[PARENT_RUN_ENV] = parent_run_id
-    if kfp_run_id:
-        os.environ[KFP_RUN_ENV] = kfp_run_id
-
-
-def _tags(cfg: RunConfig, upstream: dict[str, str] | None = None) -> dict[str, str]:
-    return lineage_tags(config_hash(cfg), upstream, kfp_run_id=os.environ.get(KFP_RUN_ENV))
+from versavit.tracking import make_tracker, run_tags, set_run_context, stage_run
 
 
 def open_pipeline_run(cfg: RunConfig, kfp_run_id: str | None = None) -> str:
     """Create the pipeline's MLflow parent run (flattened config as params); returns its id."""
     storage.configure(cfg.storage)
     storage.ensure_bucket(cfg.workdir)
-    _context(None, kfp_run_id)
+    set_run_context(None, kfp_run_id)
     tracker = make_tracker(cfg)
-    parent = tracker.start_pipeline_run(cfg.name, tags={**_tags(cfg), "versavit.workdir": cfg.workdir,
+    parent = tracker.start_pipeline_run(cfg.name, tags={**run_tags(cfg), "versavit.workdir": cfg.workdir,
                                                         "versavit.pipeline": "true"})
     tracker.log_config(parent, config_to_dict(cfg))
     run_id = tracker.run_id(parent) or ""
@@ -60,27 +43,25 @@ def close_pipeline_run(cfg: RunConfig, parent_run_id: str = "", kfp_run_id: str 
 
 def stage_data(cfg: RunConfig, parent_run_id: str | None = None, kfp_run_id: str | None = None) -> str:
     """Render the synthetic world (or reuse it); returns the dataset root URL (train/ and val/ below)."""
-    _context(parent_run_id, kfp_run_id)
-    storage.configure(cfg.storage)
-    tracker = make_tracker(cfg)
-    with tracker.stage("data", tracker.parent_from_env(), tags=_tags(cfg)) as run:
+    from versavit.data.stage import run_data
+
+    set_run_context(parent_run_id, kfp_run_id)
+    with stage_run(cfg, "data") as (tracker, run):
         run_data(cfg, tracker, run)
-    tracker.close()
-    return synthetic_root(cfg.workdir)
+    return layout.synthetic_root(cfg.workdir)
 
 
 def stage_data_check(cfg: RunConfig, dataset_url: str, parent_run_id: str | None = None,
                      kfp_run_id: str | None = None) -> str:
     """Read every split back through the training reader; returns the stats JSON (a string)."""
     from versavit.data.shards import read_manifest
+    from versavit.data.stage import SPLITS, run_data_check
 
-    _context(parent_run_id, kfp_run_id)
+    set_run_context(parent_run_id, kfp_run_id)
     storage.configure(cfg.storage)
-    tracker = make_tracker(cfg)
-    manifests = {s: read_manifest(storage.join(dataset_url, s)) for s in ("train", "val")}
-    with tracker.stage("data_check", tracker.parent_from_env(), tags=_tags(cfg)) as run:
+    manifests = {s: read_manifest(storage.join(dataset_url, s)) for s in SPLITS}
+    with stage_run(cfg, "data_check") as (tracker, run):
         checks = run_data_check(cfg, tracker, run, manifests)
-    tracker.close()
     return json.dumps(checks, default=str)
 
 
@@ -96,19 +77,17 @@ def stage_label(cfg: RunConfig, dataset_url: str, parent_run_id: str | None = No
     from versavit.labeling.jobs import label_dataset
     from versavit.progress import per_name, progress_bar
 
-    _context(parent_run_id, kfp_run_id)
-    storage.configure(cfg.storage)
-    tracker = make_tracker(cfg)
-    out_root = labelled_root(cfg.workdir)
+    set_run_context(parent_run_id, kfp_run_id)
+    out_root = layout.labelled_root(cfg.workdir)
     kinds = label_kinds(cfg)
-    with tracker.stage("label", tracker.parent_from_env(), tags=_tags(cfg)) as run:
+    with stage_run(cfg, "label") as (tracker, run):
         tracker.log_config(run, {"labeling": cfg.labeling.model_dump(mode="json")})
         for split in ("train", "val"):
             source = storage.join(dataset_url, split)
             for i, kind in enumerate(kinds):
                 # chained steps: each adds its fields; the last writes the labelled dataset
                 target = storage.join(out_root, split) if i == len(kinds) - 1 else \
-                    storage.join(cfg.workdir, "data", f"labelled-{kind}", split)
+                    layout.label_step_url(cfg.workdir, kind, split)
                 with progress_bar() as bar:
                     counts = label_dataset(kind, source, target, cfg.labeling, progress=per_name(bar, kind),
                                            tracker=tracker, run=run,
@@ -117,8 +96,33 @@ def stage_label(cfg: RunConfig, dataset_url: str, parent_run_id: str | None = No
                                           if isinstance(v, int | float) and not isinstance(v, bool)}, step=0)
                 source = target
         tracker.set_tags(run, {"versavit.output_url": out_root})
-    tracker.close()
     return out_root
+
+
+def label_shards(cfg: RunConfig, kind: str, input_url: str, output_url: str, shard_index: int = 0,
+                 num_shards: int = 1) -> dict[str, Any]:
+    """One worker's slice of a labelling job (`versavit label <kind>`), as a tracked stage run; returns
+    the job's summary. The worker that finishes the last shard writes the output manifest."""
+    from versavit.data.shards import read_manifest
+    from versavit.labeling.jobs import label_dataset
+    from versavit.progress import progress_bar
+
+    tags = {"versavit.shard_index": str(shard_index), "versavit.num_shards": str(num_shards),
+            "versavit.label.input": input_url, "versavit.label.output": output_url}
+    with stage_run(cfg, f"label_{kind}", tags=tags) as (tracker, run), progress_bar() as bar:
+        task = bar.add_task(f"label {kind}", total=None)
+
+        def report(name: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        summary = label_dataset(kind, input_url, output_url, cfg.labeling, shard_index, num_shards,
+                                progress=report, tracker=tracker, run=run,
+                                max_corrupt_fraction=cfg.data.max_corrupt_fraction)
+        if summary["manifest"]:  # lineage: the finished dataset
+            out = read_manifest(output_url)
+            tracker.log_dataset(run, out.name, output_url, out.digest, context="labelled",
+                                num_samples=out.num_samples)
+    return summary
 
 
 def stage_train(cfg: RunConfig, stage: str, variant: str = "", parent_run_id: str | None = None,
@@ -129,12 +133,11 @@ def stage_train(cfg: RunConfig, stage: str, variant: str = "", parent_run_id: st
     A finished stage with the same config is reused; an interrupted one resumes from its checkpoint.
     """
     from versavit.launch import get_launcher
-    from versavit.train.loop import stage_url
 
     cfg.train.stage(stage)  # an unknown name fails here, before anything is launched
-    _context(parent_run_id, kfp_run_id)
+    set_run_context(parent_run_id, kfp_run_id)
     storage.configure(cfg.storage)
-    manifest_url = storage.join(stage_url(cfg, stage, variant), "stage.json")
+    manifest_url = layout.stage_manifest_url(cfg, stage, variant)
     if storage.exists(manifest_url):
         done = json.loads(storage.read_text(manifest_url))
         if done.get("config_hash") == config_hash(cfg):
@@ -148,7 +151,7 @@ def stage_eval(cfg: RunConfig, exports: dict[str, str], parent_run_id: str | Non
     """Evaluate the named backbone exports against the baseline; returns the report folder URL."""
     from versavit.eval import run_eval
 
-    _context(parent_run_id, kfp_run_id)
+    set_run_context(parent_run_id, kfp_run_id)
     storage.configure(cfg.storage)
     result: dict[str, Any] = run_eval(cfg, exports=exports)
     return str(result.get("report_dir", ""))

@@ -39,6 +39,11 @@ class StorageError(RuntimeError):
 _config = StorageConfig()
 
 
+# The storage section of the config (endpoint, region, env var names; never values) travels in this
+# variable so a training pod can read its config from S3 before it has loaded that config.
+STORAGE_ENV = "VERSAVIT_STORAGE"
+
+
 def configure(cfg: StorageConfig) -> None:
     """Set the process-wide storage settings (called once by the CLI / stage entry points)."""
     global _config
@@ -237,3 +242,23 @@ def ensure_bucket(url: str, cfg: StorageConfig | None = None) -> None:
         raise
     except Exception as exc:
         raise describe_error(url, exc) from exc
+
+
+def localize_config(ref: str) -> str:
+    """A local path for `--config`: an URL (s3://...) is fetched once per pod into a temp file.
+
+    Called by the training entry point before it loads the config; storage settings come from
+    `$VERSAVIT_STORAGE` (set by the launchers), credentials from the env as always.
+    """
+    import hashlib
+
+    if not is_remote(ref):
+        return ref
+    raw = os.environ.get(STORAGE_ENV)
+    configure(StorageConfig.model_validate_json(raw) if raw else StorageConfig())
+    dest = Path(tempfile.gettempdir()) / f"versavit-config-{hashlib.sha256(ref.encode()).hexdigest()[:12]}.yaml"
+    if not dest.is_file():  # the ranks of a node share one download (written atomically)
+        tmp = dest.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(read_text(ref))
+        os.replace(tmp, dest)
+    return str(dest)

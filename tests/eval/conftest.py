@@ -10,7 +10,8 @@ import torch
 from eval_helpers import add_embeddings, eval_config, save_export
 
 from versavit.config.schema import SyntheticConfig
-from versavit.data.build import build_synthetic, synthetic_root
+from versavit.data.build import build_synthetic
+from versavit.layout import synthetic_root
 
 
 @pytest.fixture(autouse=True)

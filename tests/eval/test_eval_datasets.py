@@ -217,7 +217,8 @@ def test_synthetic_embeddings_from_the_labelled_copy(tmp_path: Path) -> None:
     from eval_helpers import add_embeddings
 
     from versavit.config.schema import SyntheticConfig
-    from versavit.data.build import build_synthetic, labelled_root, synthetic_root
+    from versavit.data.build import build_synthetic
+    from versavit.layout import labelled_root, synthetic_root
 
     build_synthetic(synthetic_root(str(tmp_path)), SyntheticConfig(num_train=2, num_val=3, image_size=40))
     plain = open_benchmark("synthetic", str(tmp_path))

@@ -15,7 +15,7 @@ from PIL import Image
 
 from versavit.eval import compare_backbones, run_eval
 from versavit.eval.run import baseline_candidate
-from versavit.pipeline import tracking_uri
+from versavit.tracking import tracking_uri
 
 
 def _mlflow_run(cfg, run_id: str):  # noqa: ANN001, ANN202
@@ -116,7 +116,8 @@ def test_compare_named_exports_table4(eval_run: Path, tmp_path: Path) -> None:
 
 def test_refseg_without_embeddings_is_skipped(tmp_path: Path) -> None:
     from versavit.config.schema import SyntheticConfig
-    from versavit.data.build import build_synthetic, synthetic_root
+    from versavit.data.build import build_synthetic
+    from versavit.layout import synthetic_root
 
     cfg = eval_config(tmp_path, "eval.probe.epochs=1", "tracking.enabled=false")
     build_synthetic(synthetic_root(cfg.workdir), SyntheticConfig(num_train=4, num_val=2, image_size=56))

@@ -13,7 +13,7 @@ from launch_helpers import ROOT, cluster_overrides
 
 from versavit import storage
 from versavit.config import RunConfig, load_config
-from versavit.launch.base import stage_outputs_url
+from versavit.layout import stage_manifest_url
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def cluster_cfg(s3: str) -> Callable[[str], RunConfig]:
         storage.configure(cfg.storage)
         storage.ensure_bucket(workdir)
         outputs = {"stage": stage, "steps": 60}
-        storage.write_text(storage.join(stage_outputs_url(cfg, stage), "stage.json"), json.dumps(outputs))
+        storage.write_text(stage_manifest_url(cfg, stage), json.dumps(outputs))
         return cfg
 
     return make

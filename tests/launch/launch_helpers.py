@@ -4,31 +4,23 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILES = {"PyTorchJob": "kubeflow.org_pytorchjobs.yaml", "TrainJob": "trainer.kubeflow.org_trainjobs.yaml"}
 
 
-def crd_dir() -> Path | None:
-    """../shared/k8s/crds beside the checkout (or $VERSAVIT_CRD_DIR, or shared/ inside it)."""
-    candidates = [os.environ.get("VERSAVIT_CRD_DIR"), ROOT.parent / "shared/k8s/crds", ROOT / "shared/k8s/crds"]
-    return next((Path(c) for c in candidates if c and (Path(c) / CRD_FILES["PyTorchJob"]).is_file()), None)
+CRD_DIR = ROOT / "manifests/crds"  # vendored, with their source commits (manifests/crds/README.md)
 
 
 @functools.cache
 def crd_schema(kind: str) -> dict[str, Any]:
     """openAPIV3Schema of the CRD's served version, made strict (see `strict`)."""
-    where = crd_dir()
-    if where is None:
-        pytest.skip("CRD schemas not found (../shared/k8s/crds or $VERSAVIT_CRD_DIR)")
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    crd = yaml.load((where / CRD_FILES[kind]).read_text(), Loader=loader)
+    crd = yaml.load((CRD_DIR / CRD_FILES[kind]).read_text(), Loader=loader)
     version = next(v for v in crd["spec"]["versions"] if v.get("served", True))
     return strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
 

@@ -180,7 +180,7 @@ def test_local_launcher_wraps_launch_local(monkeypatch: pytest.MonkeyPatch) -> N
 def test_localize_config_fetches_urls(s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from versavit import storage
     from versavit.config.schema import StorageConfig
-    from versavit.launch import localize_config
+    from versavit.storage import localize_config
 
     assert localize_config("runs/x/config.yaml") == "runs/x/config.yaml"  # local paths pass through
     url = f"s3://launch-tests/localize/{tmp_path.name}.yaml"

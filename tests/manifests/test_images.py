@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import re
 import shlex
-from importlib import metadata
 from pathlib import Path
 
 import pytest
+from env_helpers import locked_versions
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = sorted((ROOT / "images").glob("*/Dockerfile"))
@@ -46,22 +46,53 @@ def resolved(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-def pip_requirements(command: str) -> list[str]:
-    """Requirement specs of every `pip install` in a RUN command (options and local paths skipped)."""
-    reqs = []
-    for part in re.split(r"&&|;", command):
-        words = shlex.split(part)
-        if words[:2] != ["pip", "install"]:
-            continue
-        skip_next = False
-        for w in words[2:]:
-            if skip_next:
-                skip_next = False
-            elif w in ("-c", "-r", "--index-url", "--extra-index-url", "-i"):
-                skip_next = True
-            elif not w.startswith("-") and w not in (".",) and not w.startswith(("/", "./")):
-                reqs.append(w)
+def pip_installs(command: str) -> list[list[str]]:
+    """The arguments of every `pip install` in a RUN command (shell lists split at && ; ||)."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands, current = [], []
+    for token in lexer:
+        if token in ("&&", ";", "||", "|"):
+            commands.append(current)
+            current = []
+        else:
+            current.append(token)
+    commands.append(current)
+    return [c[2:] for c in commands if c[:2] == ["pip", "install"]]
+
+
+def pip_requirements(args: list[str]) -> list[str]:
+    """Requirement specs of one `pip install` (options, their values and local paths skipped)."""
+    reqs, skip_next = [], False
+    for w in args:
+        if skip_next:
+            skip_next = False
+        elif w in ("-c", "-r", "--index-url", "--extra-index-url", "-i"):
+            skip_next = True
+        elif not w.startswith("-") and w not in (".",) and not w.startswith(("/", "./")):
+            reqs.append(w)
     return reqs
+
+
+def lock_of(dockerfile: Path) -> tuple[str, dict[str, str]]:
+    """(Python minor, {package: version}) of the lock the image copies in."""
+    copies = [rest.split() for op, rest in resolved(dockerfile) if op == "COPY" and "requirements/lock-py" in rest]
+    assert len(copies) == 1, f"{dockerfile}: expected one COPY of requirements/lock-py3.X.txt"
+    src = copies[0][0]
+    minor = re.fullmatch(r"requirements/lock-py(3\.\d+)\.txt", src).group(1)
+    return minor, locked_versions(ROOT / src)
+
+
+def base_python(dockerfile: Path) -> str:
+    """The Python minor of the image's base (python:X.Y tags, or the distribution's python3)."""
+    image = [rest.split()[0] for op, rest in resolved(dockerfile) if op == "FROM"][-1]
+    if m := re.match(r"python:(3\.\d+)", image):
+        return m.group(1)
+    distro_python = {"ubuntu24.04": "3.12", "ubuntu22.04": "3.10"}
+    for distro, minor in distro_python.items():
+        if image.endswith(distro):
+            return minor
+    raise AssertionError(f"unknown Python of base image {image}")
 
 
 def test_images_exist() -> None:
@@ -90,44 +121,29 @@ def test_runs_as_non_root(dockerfile: Path) -> None:
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
-def test_python_packages_are_pinned(dockerfile: Path) -> None:
-    runs = [rest for op, rest in resolved(dockerfile) if op == "RUN"]
-    reqs = [r for cmd in runs for r in pip_requirements(cmd)]
-    assert reqs
-    for req in reqs:
-        assert re.fullmatch(r"[A-Za-z0-9_.\-\[\],]+==[0-9][0-9A-Za-z.+\-]*", req), f"unpinned: {req}"
-    # and every install beyond the explicitly pinned ones goes through the constraints file
-    for cmd in runs:
-        if "pip install" in cmd and " . " in f"{cmd} ":
-            assert "-c /tmp/constraints.txt" in cmd
-
-
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
-def test_pins_match_the_tested_environment(dockerfile: Path) -> None:
-    """The images install the versions the test suite runs with (torch 2.13.0, DeepSpeed 0.19.8, ...)."""
-    runs = [rest for op, rest in resolved(dockerfile) if op == "RUN"]
-    for req in (r for cmd in runs for r in pip_requirements(cmd)):
-        name, version = req.split("==")
-        try:
-            installed = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-        assert installed.split("+")[0] == version, f"{dockerfile.parent.name}: {name}=={version}, tested {installed}"
+def test_images_install_from_the_lock_of_their_python(dockerfile: Path) -> None:
+    """Each image copies the lock of its own Python minor, and every pip install goes through it: the
+    images get exactly the versions the test suite ran with (requirements/lock-py3.X.txt)."""
+    minor, lock = lock_of(dockerfile)
+    assert minor == base_python(dockerfile), f"{dockerfile.parent.name}: lock for {minor} on a {base_python(dockerfile)} base"
+    installs = [args for op, rest in resolved(dockerfile) if op == "RUN" for args in pip_installs(rest)]
+    assert installs
+    for args in installs:
+        assert "-c" in args and args[args.index("-c") + 1] == "/tmp/lock.txt", f"not through the lock: {args}"
+        for req in pip_requirements(args):
+            name, _, version = req.partition("==")
+            assert name.lower() in lock, f"{dockerfile.parent.name}: {name} is not in the lock"
+            assert not version or version == lock[name.lower()], \
+                f"{dockerfile.parent.name}: {name}=={version}, locked {lock[name.lower()]}"
 
 
 def test_trainer_has_the_training_stack() -> None:
     text = "\n".join(rest for _, rest in resolved(ROOT / "images/trainer/Dockerfile"))
-    for pin in ("torch==2.13.0", "deepspeed==0.19.8", "transformers==5.23.0"):
-        assert pin in text
+    assert "torch==2.13.0" in text
+    installed = {r.partition("==")[0] for _, rest in resolved(ROOT / "images/trainer/Dockerfile")
+                 for args in pip_installs(rest) for r in pip_requirements(args)}
+    assert {"torch", "deepspeed", "transformers"} <= installed
     assert "nvidia/cuda:" in text
-
-
-def test_constraints_are_pinned() -> None:
-    lines = [ln for ln in (ROOT / "images/constraints.txt").read_text().splitlines()
-             if ln.strip() and not ln.startswith("#")]
-    assert lines and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==\S+", ln) for ln in lines)
-    names = {ln.split("==")[0].lower() for ln in lines}
-    assert "torch" not in names  # installed from PyTorch's CUDA index, not pinned to the CPU build
 
 
 def test_dockerignore_keeps_secrets_and_local_state_out() -> None:

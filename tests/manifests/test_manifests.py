@@ -122,12 +122,7 @@ def test_core_objects_pass_kubernetes_validate(built: dict[str, list[dict[str, A
 
 def test_training_runtime_matches_the_trainer_crd(built: dict[str, list[dict[str, Any]]]) -> None:
     """A TrainingRuntime has the ClusterTrainingRuntime's spec; validate it against that CRD's schema."""
-    crds = [Path(os.environ.get("VERSAVIT_CRD_DIR", "/nonexistent")), ROOT.parent / "shared/k8s/crds",
-            ROOT / "shared/k8s/crds"]
-    crd_file = next((c / "trainer.kubeflow.org_clustertrainingruntimes.yaml" for c in crds
-                     if (c / "trainer.kubeflow.org_clustertrainingruntimes.yaml").is_file()), None)
-    if crd_file is None:
-        pytest.skip("CRD schemas not found (../shared/k8s/crds or $VERSAVIT_CRD_DIR)")
+    crd_file = ROOT / "manifests/crds/trainer.kubeflow.org_clustertrainingruntimes.yaml"
     crd = yaml.load(crd_file.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     runtimes = [o for objs in built.values() for o in by_kind(objs, "TrainingRuntime")]

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from versavit.config import load_config
-from versavit.kfp_cluster import compile_pipeline
+from versavit.kfp.cluster import compile_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "S3CR3T-VALUE-never-in-yaml"

@@ -12,7 +12,8 @@ from train_helpers import ROOT, add_embeddings, tiny_overrides
 
 from versavit.config import load_config
 from versavit.config.schema import SyntheticConfig
-from versavit.data.build import build_synthetic, synthetic_root
+from versavit.data.build import build_synthetic
+from versavit.layout import synthetic_root
 
 
 @pytest.fixture(scope="session")

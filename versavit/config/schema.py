@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from versavit.config.trainable import check_pattern
+
 TASKS: tuple[str, ...] = ("caption", "depth", "refseg")
 Task = Literal["caption", "depth", "refseg"]
 PATCH_MULTIPLE = 28  # patch 14 x 2x2 spatial merge: every fixed resolution must be a multiple
@@ -264,7 +266,7 @@ class RecipeStage(StageLength):
                       description="stage folder and job name: lowercase letters, digits, '-'")
     tasks: list[Task]
     trainable: list[str] = Field(
-        min_length=1, description="parameter-name patterns (versavit.models.trainable): globs such as "
+        min_length=1, description="parameter-name patterns (versavit.config.trainable): globs such as "
         "'heads.depth.*', 'backbone.blocks[-4:]' for the top 4 ViT blocks, shortcuts 'projector', 'llm', 'vit', "
         "'*' for everything; '!pattern' excludes. The backbone's unused merger never trains")
     lr_backbone: float = Field(1e-5, gt=0, description="ViT, projector and LLM parameters")
@@ -289,8 +291,6 @@ class RecipeStage(StageLength):
 
     @model_validator(mode="after")
     def _consistent(self) -> RecipeStage:
-        from versavit.models.trainable import check_pattern
-
         for pattern in self.trainable:
             check_pattern(pattern)
         missing = [t for t in self.tasks if t not in self.batch_size]

@@ -24,16 +24,6 @@ from versavit.data.synthetic import CLASSES, IGNORE_INDEX, SceneSample, render_s
 SPLITS = {"train": "num_train", "val": "num_val"}
 
 
-def synthetic_root(workdir: str) -> str:
-    """Where a run's synthetic world lives: `<workdir>/data/synthetic/{train,val}`."""
-    return storage.join(workdir, "data", "synthetic")
-
-
-def labelled_root(workdir: str) -> str:
-    """Where the labelling stage writes the world with teacher outputs added (text embeddings, ...)."""
-    return storage.join(workdir, "data", "labelled")
-
-
 def encode_scene(sample: SceneSample, image_format: str = "jpg") -> dict[str, Any]:
     """A rendered scene -> webdataset sample (field name -> bytes)."""
     depth_png, scale = codecs.encode_depth(sample.depth)

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 
 from versavit import storage
 from versavit.config.schema import RunConfig
-from versavit.data.build import labelled_root, synthetic_root
 from versavit.data.codecs import decode_rle
 from versavit.data.loader import CorruptionStats, loader_workers, make_loader, shard_pipeline
 from versavit.data.shards import resolve_shards
+from versavit.layout import labelled_root, synthetic_root
 
 CAPTION_PROMPT = "Describe the image."
 DENSE_PROMPT = "Describe each object from left to right."

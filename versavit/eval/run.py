@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,17 +37,18 @@ import numpy as np
 import torch
 
 from versavit import storage
-from versavit.config import RunConfig, config_hash, config_to_dict
+from versavit.config import RunConfig, config_to_dict
 from versavit.eval import report
 from versavit.eval.datasets import Benchmark, open_benchmark
 from versavit.eval.features import backbone_digest, cached_features
 from versavit.eval.probe import ProbeSettings, train_depth_probe, train_seg_probe
 from versavit.eval.refseg import RefSegSkipped, evaluate_refseg
 from versavit.eval.zeroshot import evaluate_zeroshot_depth
+from versavit.layout import eval_cache_dir, reports_dir
 from versavit.models.backbone import VisionBackbone
+from versavit.tracking import stage_run
 
 log = logging.getLogger(__name__)
-CACHE_ENV = "VERSAVIT_EVAL_CACHE"
 
 
 @dataclass
@@ -66,16 +66,6 @@ class Candidate:
             return self.backbone.float().eval()
         path = str(self.export / "backbone") if self.export else self.source
         return VisionBackbone.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def cache_dir(cfg: RunConfig) -> Path:
-    """Where features (and downloaded exports) are cached: $VERSAVIT_EVAL_CACHE or <workdir>/cache/eval."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    if getattr(cfg.eval, "cache_dir", None):
-        return Path(cfg.eval.cache_dir)
-    root = Path(cfg.workdir) if not storage.is_remote(cfg.workdir) else Path("runs") / cfg.name
-    return root / "cache" / "eval"
 
 
 def _local_copy(url: str, cache: Path) -> Path:
@@ -113,7 +103,7 @@ def resolve_candidate(name: str, spec: str | VisionBackbone | Candidate, cache: 
 
 def baseline_candidate(cfg: RunConfig) -> Candidate:
     """The backbone the multi-task stage started from (see the module docstring for the rules)."""
-    cache = cache_dir(cfg)
+    cache = eval_cache_dir(cfg)
     if cfg.eval.baseline_backbone:
         return resolve_candidate("baseline", cfg.eval.baseline_backbone, cache)
     if cfg.model.backbone.pretrained:
@@ -134,7 +124,7 @@ def trained_candidate(cfg: RunConfig, url: str | None = None) -> Candidate:
     if not storage.exists(url):
         raise storage.StorageError(f"no trained backbone at {url}: run `versavit train multitask` first, or pass "
                                    "--trained URL", kind="missing")
-    return resolve_candidate("trained", url, cache_dir(cfg))
+    return resolve_candidate("trained", url, eval_cache_dir(cfg))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,12 +221,10 @@ def compare_backbones(backbones: Mapping[str, str | VisionBackbone | Candidate],
     backbones: name -> URL / hub id / in-memory VisionBackbone / Candidate, in table order; the reference
     (default: the first) is what deltas are taken against. Returns metrics, table, paths of written files.
     """
-    from versavit.pipeline import make_tracker, reports_dir
-
     if not backbones:
         raise ValueError("compare_backbones needs at least one backbone")
     storage.configure(cfg.storage)
-    cache = cache_dir(cfg)
+    cache = eval_cache_dir(cfg)
     candidates = [resolve_candidate(name, spec, cache) for name, spec in backbones.items()]
     for cand, name in zip(candidates, backbones, strict=True):
         cand.name = name
@@ -250,13 +238,11 @@ def compare_backbones(backbones: Mapping[str, str | VisionBackbone | Candidate],
     out.mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(exist_ok=True)
 
-    tracker = make_tracker(cfg)
-    run = tracker.start_stage_run(stage, tracker.parent_from_env(), tags={
-        "versavit.config_hash": config_hash(cfg), "versavit.eval.backbones": ",".join(backbones),
-        "versavit.eval.reference": reference, "versavit.eval.benchmarks": ",".join(specs),
-        **{f"versavit.eval.source.{c.name}": c.source for c in candidates}})
+    tags = {"versavit.eval.backbones": ",".join(backbones), "versavit.eval.reference": reference,
+            "versavit.eval.benchmarks": ",".join(specs),
+            **{f"versavit.eval.source.{c.name}": c.source for c in candidates}}
     started = time.perf_counter()
-    try:
+    with stage_run(cfg, stage, tags=tags) as (tracker, run):
         tracker.log_config(run, config_to_dict(cfg))
         for bench in benches:
             for reader in (bench.eval, bench.train):
@@ -296,12 +282,6 @@ def compare_backbones(backbones: Mapping[str, str | VisionBackbone | Candidate],
         for f in files:
             tracker.log_artifact(run, str(f), "eval" if f.parent == out else "eval/figures")
         tracker.log_metrics(run, {"eval/elapsed_s": time.perf_counter() - started}, step=0)
-        tracker.end_run(run, "FINISHED")
-    except BaseException:
-        tracker.end_run(run, "FAILED")
-        raise
-    finally:
-        tracker.close()
     return {**results, "table": table, "files": [str(f) for f in files], "out_dir": str(out),
             "report_dir": str(out), "mlflow_run_id": run.run_id}
 
@@ -338,8 +318,6 @@ def _protocol_notes(cfg: RunConfig, s: ProbeSettings) -> list[str]:
 def _figures(out: Path, benches: list[Benchmark], extras: dict, cfg: RunConfig,
              candidates: list[Candidate]) -> list[Path]:
     """Depth, segmentation and referring-segmentation examples; probe and training loss curves."""
-    from versavit.pipeline import reports_dir
-
     files: list[Path] = []
     for bench in benches:
         ex = extras.get(bench.name, {})
@@ -405,7 +383,7 @@ def run_eval(cfg: RunConfig, trained: str | None = None, baseline: str | VisionB
     shown as "trained"; the ablation's "caption", "caption-depth", "all" keep their names); replaces `trained`.
     extra: more named backbones appended to the comparison."""
     storage.configure(cfg.storage)
-    base = baseline_candidate(cfg) if baseline is None else resolve_candidate("baseline", baseline, cache_dir(cfg))
+    base = baseline_candidate(cfg) if baseline is None else resolve_candidate("baseline", baseline, eval_cache_dir(cfg))
     backbones: dict[str, str | VisionBackbone | Candidate] = {"baseline": base}
     if exports:
         for variant, url in exports.items():

@@ -1,20 +1,30 @@
 """Where a training stage runs: local torchrun (here); Kubeflow PyTorchJob / TrainJob (cluster)."""
 
-from versavit.launch.base import (
-    ClusterLauncher,
-    JobFailed,
-    Launcher,
-    LaunchResult,
-    LaunchTimeout,
-    LocalLauncher,
-    get_launcher,
-    localize_config,
-)
-from versavit.launch.local import LaunchError, launch_local
+from __future__ import annotations
+
+from typing import Any
+
+from versavit.config import RunConfig
+from versavit.launch.base import ClusterLauncher, Launcher, LaunchResult
+from versavit.launch.errors import JobFailed, LaunchError, LaunchTimeout
+from versavit.launch.local import LocalLauncher, launch_local
 from versavit.launch.pytorchjob import PyTorchJobLauncher, build_pytorchjob
 from versavit.launch.trainjob import TrainJobLauncher, build_trainjob
 
+LAUNCHERS: dict[str, type[Launcher]] = {"local": LocalLauncher, "pytorchjob": PyTorchJobLauncher,
+                                         "trainjob": TrainJobLauncher}
+
+
+def get_launcher(cfg: RunConfig, **options: Any) -> Launcher:
+    """The launcher of `cfg.launch.backend`; `options` go to its constructor (timeouts, API client)."""
+    backend = cfg.launch.backend
+    if backend not in LAUNCHERS:
+        raise LaunchError(f"unknown launch.backend {backend!r} ({', '.join(LAUNCHERS)})")
+    return LAUNCHERS[backend](**options)
+
+
 __all__ = [
+    "LAUNCHERS",
     "ClusterLauncher",
     "JobFailed",
     "LaunchError",
@@ -28,5 +38,4 @@ __all__ = [
     "build_trainjob",
     "get_launcher",
     "launch_local",
-    "localize_config",
 ]

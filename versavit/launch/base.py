@@ -1,6 +1,6 @@
 """One launcher interface, three backends: local torchrun, Kubeflow PyTorchJob, Kubeflow Trainer v2 TrainJob.
 
-    launcher = get_launcher(cfg)                 # picks cfg.launch.backend
+    launcher = get_launcher(cfg)                 # (versavit.launch) picks cfg.launch.backend
     result = launcher.launch(cfg, "multitask")   # -> LaunchResult (outputs = the stage's stage.json)
 
 The cluster backends share one life cycle (`ClusterLauncher`): publish the resolved config to an URL
@@ -11,38 +11,34 @@ deletes the job, so nothing keeps holding GPUs.
 
 Config transport: the pods get `--config s3://<workdir>/launch/<stage>/<job>.yaml`, a copy of the
 resolved config written by the launcher (the config holds no credentials: only env var names).
-`localize_config` turns such a URL back into a local file inside the pod.
+`storage.localize_config` turns such a URL back into a local file inside the pod.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import json
 import os
 import re
 import signal
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 from versavit.config import RunConfig, config_hash, dump_yaml
-from versavit.launch.local import LaunchError
+from versavit.launch.errors import JobFailed, LaunchError, LaunchTimeout
+from versavit.layout import stage_manifest_url
+from versavit.storage import STORAGE_ENV
 
 # Plain (non-secret) variables of the launching process that the training pods inherit, so the
 # stage's MLflow run nests under the pipeline's parent run and carries the KFP run id.
 FORWARDED_ENV = ("VERSAVIT_PARENT_RUN_ID", "KFP_RUN_ID")
-# The storage section of the config (endpoint, region, env var names; never values) travels in this
-# variable so a pod can read its config from S3 before it has loaded that config.
-STORAGE_ENV = "VERSAVIT_STORAGE"
 _CREDENTIAL_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|CREDENTIAL|PRIVATE", re.I)
 
 TRAINER_UID = 1000  # the non-root user of images/trainer
@@ -52,14 +48,6 @@ DEFAULT_TIMEOUT_S = 3 * 24 * 3600.0
 # sitting pending until the timeout (e.g. a missing secret, a wrong image name).
 STUCK_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
                  "CreateContainerError")
-
-
-class LaunchTimeout(LaunchError):
-    """The job did not finish in time; it has been deleted."""
-
-
-class JobFailed(LaunchError):
-    """The cluster job ended in failure; the message carries the job's own reason."""
 
 
 @dataclass
@@ -84,39 +72,6 @@ class Launcher(ABC):
     def launch(self, cfg: RunConfig, stage: str, config_url: str | None = None,
                env: dict[str, str] | None = None, variant: str = "") -> LaunchResult:
         """Run `stage` of `cfg` (outputs in stages/<stage>[-<variant>]); raise `LaunchError` if it fails."""
-
-
-class LocalLauncher(Launcher):
-    """torchrun on this machine (`launch_local`); it writes and uses its own resolved config copy."""
-
-    backend = "local"
-
-    def __init__(self, stream_output: bool = True):
-        self.stream_output = stream_output
-
-    def launch(self, cfg: RunConfig, stage: str, config_url: str | None = None,
-               env: dict[str, str] | None = None, variant: str = "") -> LaunchResult:
-        from versavit.launch.local import launch_local
-
-        start = time.monotonic()
-        outputs = launch_local(cfg, stage, env=env, stream_output=self.stream_output, variant=variant)
-        return LaunchResult("local", stage, outputs, elapsed_s=time.monotonic() - start)
-
-
-def get_launcher(cfg: RunConfig, **options: Any) -> Launcher:
-    """The launcher of `cfg.launch.backend`; `options` go to its constructor (timeouts, API client)."""
-    backend = cfg.launch.backend
-    if backend == "local":
-        return LocalLauncher(**options)
-    if backend == "pytorchjob":
-        from versavit.launch.pytorchjob import PyTorchJobLauncher
-
-        return PyTorchJobLauncher(**options)
-    if backend == "trainjob":
-        from versavit.launch.trainjob import TrainJobLauncher
-
-        return TrainJobLauncher(**options)
-    raise LaunchError(f"unknown launch.backend {backend!r} (local, pytorchjob or trainjob)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,14 +185,6 @@ def container_security_context() -> dict[str, Any]:
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
-def stage_outputs_url(cfg: RunConfig, stage: str, variant: str = "") -> str:
-    """Where a training stage leaves its outputs (= versavit.train.loop.stage_url, which is not imported
-    here: it pulls in torch and DeepSpeed, which the process that only launches jobs does not need)."""
-    from versavit import storage
-
-    return storage.join(cfg.workdir, "stages", f"{stage}-{variant}" if variant else stage)
-
-
 def publish_config(cfg: RunConfig, stage: str, job_name: str) -> str:
     """Write the resolved config where every pod can read it; return its URL."""
     from versavit import storage
@@ -249,27 +196,6 @@ def publish_config(cfg: RunConfig, stage: str, job_name: str) -> str:
     storage.ensure_bucket(url)  # also proves the endpoint and credentials work, before any GPU is held
     storage.write_text(url, dump_yaml(cfg))
     return url
-
-
-def localize_config(ref: str) -> str:
-    """A local path for `--config`: an URL (s3://...) is fetched once per pod into a temp file.
-
-    Called by the training entry point before it loads the config; storage settings come from
-    `$VERSAVIT_STORAGE` (set by the launchers), credentials from the env as always.
-    """
-    from versavit import storage
-    from versavit.config.schema import StorageConfig
-
-    if not storage.is_remote(ref):
-        return ref
-    raw = os.environ.get(STORAGE_ENV)
-    storage.configure(StorageConfig.model_validate_json(raw) if raw else StorageConfig())
-    dest = Path(tempfile.gettempdir()) / f"versavit-config-{hashlib.sha256(ref.encode()).hexdigest()[:12]}.yaml"
-    if not dest.is_file():  # the ranks of a node share one download (written atomically)
-        tmp = dest.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(storage.read_text(ref))
-        os.replace(tmp, dest)
-    return str(dest)
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,7 +437,7 @@ class ClusterLauncher(Launcher):
             if watch.follower is not None:
                 watch.follower.stop()
         try:
-            outputs = json.loads(storage.read_text(storage.join(stage_outputs_url(cfg, stage, variant), "stage.json")))
+            outputs = json.loads(storage.read_text(stage_manifest_url(cfg, stage, variant)))
         except storage.StorageError as exc:
             raise LaunchError(f"{self.kind} {namespace}/{name} succeeded but its stage.json cannot be read: "
                               f"{exc}") from exc

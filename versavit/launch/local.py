@@ -7,6 +7,7 @@ torchrun stops the other ranks, so nothing hangs.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -21,10 +22,9 @@ import yaml
 
 from versavit import storage
 from versavit.config import RunConfig, config_to_dict
-
-
-class LaunchError(RuntimeError):
-    """A training stage failed; the message says which rank and why."""
+from versavit.launch.base import Launcher, LaunchResult
+from versavit.launch.errors import LaunchError
+from versavit.layout import reports_dir, run_name, stage_manifest_url
 
 
 def _free_port() -> int:
@@ -67,9 +67,7 @@ def failure_report(stage: str, log_dir: Path, torchrun_output: str) -> str:
 
 def write_resolved_config(cfg: RunConfig, stage: str, variant: str = "") -> Path:
     """The exact config every rank loads (no credentials: the schema holds only env var names)."""
-    from versavit.pipeline import reports_dir
-
-    path = reports_dir(cfg, f"{stage}-{variant}" if variant else stage) / "config.yaml"
+    path = reports_dir(cfg, run_name(stage, variant)) / "config.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return path
 
@@ -77,10 +75,7 @@ def write_resolved_config(cfg: RunConfig, stage: str, variant: str = "") -> Path
 def launch_local(cfg: RunConfig, stage: str, env: dict[str, str] | None = None,
                  stream_output: bool = True, variant: str = "") -> dict[str, Any]:
     """Run `stage` under torchrun with `cfg.launch.nproc_per_node` processes; return its stage.json."""
-    from versavit.pipeline import reports_dir
-    from versavit.train.loop import stage_url
-
-    name = f"{stage}-{variant}" if variant else stage
+    name = run_name(stage, variant)
     config_path = write_resolved_config(cfg, stage, variant)
     log_dir = reports_dir(cfg, name) / "logs" / time.strftime("%Y%m%d-%H%M%S")
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -101,9 +96,7 @@ def launch_local(cfg: RunConfig, stage: str, env: dict[str, str] | None = None,
     code = proc.wait()
     if code != 0:
         raise LaunchError(failure_report(name, log_dir, "".join(captured[-400:])))
-    import json
-
-    return json.loads(storage.read_text(storage.join(stage_url(cfg, stage, variant), "stage.json")))
+    return json.loads(storage.read_text(stage_manifest_url(cfg, stage, variant)))
 
 
 _NOISE = ("Warning", "warnings.warn", "[W", "*****", "Setting OMP_NUM_THREADS", "real_accelerator",
@@ -112,3 +105,18 @@ _NOISE = ("Warning", "warnings.warn", "[W", "*****", "Setting OMP_NUM_THREADS", 
 
 def _is_noise(line: str) -> bool:
     return any(s in line for s in _NOISE)
+
+
+class LocalLauncher(Launcher):
+    """torchrun on this machine (`launch_local`); it writes and uses its own resolved config copy."""
+
+    backend = "local"
+
+    def __init__(self, stream_output: bool = True):
+        self.stream_output = stream_output
+
+    def launch(self, cfg: RunConfig, stage: str, config_url: str | None = None,
+               env: dict[str, str] | None = None, variant: str = "") -> LaunchResult:
+        start = time.monotonic()
+        outputs = launch_local(cfg, stage, env=env, stream_output=self.stream_output, variant=variant)
+        return LaunchResult("local", stage, outputs, elapsed_s=time.monotonic() - start)

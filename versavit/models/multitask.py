@@ -2,7 +2,7 @@
 
 `forward(task, batch)` runs exactly one task (the trainer cycles tasks per micro-step, the same
 task on every rank), so only that task's head sees gradients in that micro-step. What trains is
-data: `set_trainable(patterns)` (versavit.models.trainable) freezes everything else.
+data: `set_trainable(patterns)` (versavit.config.trainable) freezes everything else.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from versavit.config import trainable
 from versavit.config.schema import TASKS, WARMUP_TRAINABLE, LossWeights, ModelConfig, SynergyConfig
 from versavit.losses import DepthLoss, SegmentationLoss
-from versavit.models import trainable
 from versavit.models.backbone import VisionBackbone
 from versavit.models.heads.caption import CaptionHead
 from versavit.models.heads.depth import DepthHead
@@ -82,7 +82,7 @@ class VersaViT(nn.Module):
         return [p for n, p in self.named_parameters() if self.group_of(n) == "heads"]
 
     def set_trainable(self, patterns: list[str]) -> dict[str, list[nn.Parameter]]:
-        """Train exactly what `patterns` select (versavit.models.trainable), freeze the rest.
+        """Train exactly what `patterns` select (versavit.config.trainable), freeze the rest.
 
         The synergy module, when present, always trains: a frozen random discriminator would be noise.
         Returns the trainable parameters by optimiser group ({"backbone": [...], "heads": [...]}).

@@ -1,5 +1,6 @@
 """Experiment tracking (MLflow) for the VersaViT pipeline."""
 
+from versavit.tracking.runs import KFP_RUN_ENV, make_tracker, run_tags, set_run_context, stage_run, tracking_uri
 from versavit.tracking.tracker import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
@@ -14,6 +15,7 @@ from versavit.tracking.tracker import (
 )
 
 __all__ = [
+    "KFP_RUN_ENV",
     "EXPERIMENT_KIND",
     "EXPERIMENT_KIND_TAG",
     "PARENT_RUN_ENV",
@@ -24,4 +26,9 @@ __all__ = [
     "default_tracking_uri",
     "flatten_config",
     "lineage_tags",
+    "make_tracker",
+    "run_tags",
+    "set_run_context",
+    "stage_run",
+    "tracking_uri",
 ]

@@ -14,6 +14,7 @@ import warnings
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from versavit import storage
 from versavit.config import load_config
 from versavit.train.loop import run_stage
 
@@ -33,9 +34,7 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from versavit.launch.base import localize_config  # a cluster pod gets the config as an s3:// URL
-
-    cfg = load_config(localize_config(args.config), args.overrides)
+    cfg = load_config(storage.localize_config(args.config), args.overrides)  # a pod gets an s3:// URL
     run_stage(cfg, args.stage, args.variant)
 
 

@@ -31,7 +31,9 @@ from versavit import storage
 from versavit.config import RunConfig, config_hash, config_to_dict
 from versavit.data.shards import read_manifest
 from versavit.data.tasks import task_batches, task_urls
+from versavit.layout import export_url, reports_dir, run_name, stage_url
 from versavit.models.multitask import VersaViT
+from versavit.tracking import stage_run
 from versavit.train import checkpoint
 from versavit.train.engine import deepspeed_config, dist_env, init_distributed, initialize
 from versavit.train.optim import build_optimizer, build_scheduler, param_groups
@@ -64,11 +66,6 @@ class StagePlan:
     @property
     def export(self) -> str:
         return storage.join(self.url, "export")
-
-
-def stage_url(cfg: RunConfig, stage: str, variant: str = "") -> str:
-    """`<workdir>/stages/<stage>[-<variant>]`: variants (comparison branches) share the data."""
-    return storage.join(cfg.workdir, "stages", f"{stage}-{variant}" if variant else stage)
 
 
 def _dataset_size(urls: list[str]) -> int | None:
@@ -136,7 +133,7 @@ def resolve_init(cfg: RunConfig, stage: str, variant: str = "") -> str | None:
     if i == 0:
         return None
     for v in dict.fromkeys([variant, ""]):
-        export = storage.join(stage_url(cfg, names[i - 1], v), "export")
+        export = export_url(cfg, names[i - 1], v)
         if storage.exists(storage.join(export, TRAINED_STATE)):
             return export
     log.warning("stage %s: previous stage %s has no export yet; starting from the initial weights", stage,
@@ -267,49 +264,39 @@ class Trainer:
 
 def run_stage(cfg: RunConfig, stage: str, variant: str = "") -> dict[str, Any]:
     """Train recipe stage `stage` to its end (resuming from the latest checkpoint if any); every rank calls this."""
-    from versavit.pipeline import make_tracker  # tracking set-up shared with the other stages
-
     tr = Trainer.setup(cfg, stage, variant)
     plan, rank, start = tr.plan, tr.rank, tr.start
-    run_name = f"{stage}-{variant}" if variant else stage
-    tracker = make_tracker(cfg, rank)
-    tags = {"versavit.config_hash": config_hash(cfg), "versavit.resumed_from_step": str(start)}
-    run = tracker.start_stage_run(run_name, tracker.parent_from_env(), tags=tags)
-    if start == 0:
-        tracker.log_config(run, config_to_dict(cfg))
-    metrics_path = _metrics_path(cfg, run_name)
+    name = run_name(stage, variant)
+    metrics_path = _metrics_path(cfg, name)
     if rank == 0 and start == 0:
         metrics_path.unlink(missing_ok=True)
-    progress = _Progress(rank == 0, run_name, plan.total_steps, start)
+    progress = _Progress(rank == 0, name, plan.total_steps, start)
     fault = _fault_injection(rank)
     last_saved = start
     try:
-        for step in range(start, plan.total_steps):
-            if fault is not None and step == fault:
-                log.warning("fault injection: rank %d kills itself at step %d", rank, step)
-                os.kill(os.getpid(), signal.SIGKILL)
-            point = tr.step(step)
-            if rank == 0:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps({"step": step + 1, **point}) + "\n")
-            if (step + 1) % cfg.train.log_interval == 0 or step + 1 == plan.total_steps:
-                tracker.log_metrics(run, point, step=step + 1)
-            progress.update(step + 1, point, plan.tasks)
-            if (step + 1) % plan.checkpoint_interval == 0 or step + 1 == plan.total_steps:
-                tr.save(step + 1)
-                last_saved = step + 1
-        result = _finish(cfg, plan, tr.engine, rank, tracker, run, tr.init_from, tr.inherited)
-        tracker.end_run(run, "FINISHED")
-        return result
-    except BaseException:
-        tracker.end_run(run, "FAILED")
-        raise
+        with stage_run(cfg, name, tags={"versavit.resumed_from_step": str(start)}, rank=rank) as (tracker, run):
+            if start == 0:
+                tracker.log_config(run, config_to_dict(cfg))
+            for step in range(start, plan.total_steps):
+                if fault is not None and step == fault:
+                    log.warning("fault injection: rank %d kills itself at step %d", rank, step)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                point = tr.step(step)
+                if rank == 0:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps({"step": step + 1, **point}) + "\n")
+                if (step + 1) % cfg.train.log_interval == 0 or step + 1 == plan.total_steps:
+                    tracker.log_metrics(run, point, step=step + 1)
+                progress.update(step + 1, point, plan.tasks)
+                if (step + 1) % plan.checkpoint_interval == 0 or step + 1 == plan.total_steps:
+                    tr.save(step + 1)
+                    last_saved = step + 1
+            return _finish(cfg, plan, tr.engine, rank, tracker, run, tr.init_from, tr.inherited)
     finally:
         tr.close_streams()
         progress.close()
-        tracker.close()
         if rank == 0:
-            log.info("%s: last committed checkpoint at step %d", run_name, last_saved)
+            log.info("%s: last committed checkpoint at step %d", name, last_saved)
 
 
 def _fault_injection(rank: int) -> int | None:
@@ -330,8 +317,6 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _metrics_path(cfg: RunConfig, stage: str) -> Path:
-    from versavit.pipeline import reports_dir
-
     return reports_dir(cfg, stage) / "metrics.jsonl"
 
 

@@ -83,7 +83,7 @@ def open_benchmark(spec: str, workdir: str, with_train: bool = True) -> Benchmar
     if root is None:
         if name == "synthetic":
             from versavit import storage
-            from versavit.data.build import labelled_root, synthetic_root
+            from versavit.layout import labelled_root, synthetic_root
 
             root = synthetic_root(workdir)
             # ground truth from the rendered world; text embeddings from the label stage's copy once it exists

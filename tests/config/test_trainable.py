@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from versavit.models.trainable import check_pattern, select
+from versavit.config.trainable import check_pattern, select
 
 NAMES = [
     "backbone.tower.patch_embed.proj.weight",

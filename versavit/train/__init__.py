@@ -1,0 +1,1 @@
+"""Training: the DeepSpeed engine, the one loop every recipe stage runs, checkpoints, optimisers."""
