@@ -51,13 +51,16 @@ bench: setup
 	$(PY) bench/data_loader.py
 
 # Re-resolve every lock from pyproject.toml, deliberately (never done by setup). Linux x86_64, the
-# platform of CI and of the images; torch pinned to the version the Makefile installs.
+# platform of CI and of the images; torch pinned to the version the Makefile installs. Pins already
+# in a lock are kept where pyproject.toml allows them; `make lock LOCK_FLAGS=--upgrade` takes the
+# newest releases instead.
+LOCK_FLAGS ?=
 lock: setup
 	@for v in $(LOCK_PYTHONS); do \
 	  echo "resolving requirements/lock-py$$v.txt"; \
 	  $(VENV)/bin/uv pip compile pyproject.toml --extra dev --python-version $$v \
 	    --python-platform x86_64-manylinux_2_28 --override requirements/torch.txt \
-	    --no-header --quiet -o requirements/lock-py$$v.txt || exit 1; \
+	    --no-header --quiet $(LOCK_FLAGS) -o requirements/lock-py$$v.txt || exit 1; \
 	done
 
 clean:

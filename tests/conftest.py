@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 
 import pytest
 
-from versavit import storage
-from versavit.config.schema import StorageConfig
+# Nothing is downloaded in tests (no hub access here, nor in CI): a hub id that is not on disk fails at
+# once instead of after the hub client's connection retries (23 s per lookup). Set before any test
+# module imports huggingface_hub; subprocesses inherit it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from versavit import storage  # noqa: E402
+from versavit.config.schema import StorageConfig  # noqa: E402
 
 
 def free_port() -> int:
