@@ -1,11 +1,15 @@
-"""The `versavit` command line: data synth to a folder and to S3, clear errors, help."""
+"""The `versavit` command line: data synth to a folder and to S3, one-line errors, help, version, ui."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
+
+import pytest
 
 from versavit.data.shards import read_manifest
 
@@ -13,8 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    # a wide terminal: an error line must be one line because it is, not because rich wrapped it
     return subprocess.run([sys.executable, "-m", "versavit.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **(env or {})})
+                          text=True, timeout=300, env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+
+def small_config(tmp_path: Path) -> str:
+    """A config of defaults with its workdir under tmp_path (not created)."""
+    path = tmp_path / "cli.yaml"
+    path.write_text(f"name: cli-test\nworkdir: {tmp_path / 'run'}\n")
+    return str(path)
 
 
 def test_help_lists_commands() -> None:
@@ -56,3 +68,102 @@ def test_data_synth_unreachable_endpoint_is_one_clear_error(tmp_path: Path, free
     res = cli("data", "synth", "--out", "s3://nobucket/world", "-n", "2", "--workers", "0", env=env)
     assert res.returncode == 1
     assert "cannot reach the S3 endpoint" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_bare_command_and_group_print_help_exit_0() -> None:
+    for args in ((), ("data",)):
+        res = cli(*args)
+        assert res.returncode == 0, res.stderr
+        assert "Usage" in res.stdout and "error" not in res.stderr
+    assert "synth" in res.stdout
+
+
+def test_version() -> None:
+    res = cli("--version")
+    assert (res.returncode, res.stdout) == (0, f"versavit {version('versavit')}\n")
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (("pipline", "run"), "error: No such command 'pipline'. Did you mean 'pipeline'?"),
+    (("pipeline", "rn"), "error: No such command 'rn'. Did you mean 'run'?"),
+])
+def test_unknown_command_is_one_line_with_a_suggestion(args: tuple[str, ...], line: str) -> None:
+    res = cli(*args)
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [line] and res.stdout == ""
+
+
+@pytest.mark.parametrize(("args", "start"), [
+    (("data", "synth"), "error: Missing option '--out'."),
+    (("data", "synth", "--out", "X", "-n", "-3"), "error: Invalid value for '--num-samples' / '-n': "),
+    (("data", "synth", "--out", "X", "-n", "many"), "error: Invalid value for '--num-samples' / '-n': "),
+    (("data", "synth", "--out", "X", "--bogus"), "error: No such option: --bogus"),
+])
+def test_usage_error_is_one_line_exit_2(args: tuple[str, ...], start: str) -> None:
+    res = cli(*args)
+    assert res.returncode == 2
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(start), res.stderr
+    assert res.stdout == ""
+
+
+def test_bad_config_still_names_each_problem(tmp_path: Path) -> None:
+    res = cli("config", "validate", "--config", small_config(tmp_path), "seed=abc")
+    assert res.returncode == 2
+    first, *problems = res.stderr.splitlines()
+    assert first.startswith("error: invalid configuration (") and first.endswith("): 1 problem(s)")
+    assert len(problems) == 1 and problems[0].strip().startswith("seed = 'abc':")
+
+
+def test_unwritable_out_is_one_line_exit_1(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    for out, reason in ((tmp_path / "file" / "x", "Not a directory"), ("/proc/versavit-test", "")):
+        res = cli("data", "synth", "--out", str(out), "-n", "2", "--workers", "0", "--config", small_config(tmp_path))
+        assert res.returncode == 1
+        lines = res.stderr.splitlines()
+        assert len(lines) == 1, res.stderr
+        assert lines[0].startswith(f"error: cannot write {out}: {reason}")
+        assert lines[0].endswith(" (choose a writable --out / workdir)")
+
+
+def test_ui_refuses_a_missing_store_and_does_not_create_it(tmp_path: Path) -> None:
+    db = (tmp_path / "run" / "mlflow.db").resolve()
+    for _ in ("no workdir", "an empty workdir"):
+        res = cli("ui", "--config", small_config(tmp_path))
+        assert res.returncode == 1
+        assert res.stderr.splitlines() == [f"error: no MLflow store at {db}: run a pipeline first, or pass "
+                                           "tracking.uri=..."]
+        assert not db.exists()
+        db.parent.mkdir(exist_ok=True)
+    res = cli("ui", "--config", small_config(tmp_path), f"tracking.uri=sqlite:///{tmp_path / 'other.db'}")
+    assert res.returncode == 1 and "no MLflow store at" in res.stderr
+    assert not tmp_path.joinpath("other.db").exists()
+
+
+def test_ui_refuses_a_busy_port(tmp_path: Path, free_tcp_port: int) -> None:
+    (tmp_path / "mlflow.db").touch()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", free_tcp_port))
+        busy.listen()
+        res = cli("ui", "--config", small_config(tmp_path), "--port", str(free_tcp_port),
+                  f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    assert res.returncode == 1
+    assert res.stderr.splitlines() == [f"error: port {free_tcp_port} on 127.0.0.1 is in use: pass --port N"]
+
+
+def test_ui_exit_status_is_mlflows(tmp_path: Path, free_tcp_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from versavit import storage
+    from versavit.cli import app
+
+    monkeypatch.setattr(storage, "_config", storage._config)  # restored after the CLI configures storage
+    calls: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "call", lambda argv, env: calls.append(argv) or 3)  # mlflow failed
+    (tmp_path / "mlflow.db").touch()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = CliRunner().invoke(app, ["ui", "--config", small_config(tmp_path), "--port", str(free_tcp_port),
+                                      f"tracking.uri={uri}"])
+    assert result.exit_code == 3, result.output
+    assert calls and calls[0][-6:] == ["--backend-store-uri", uri, "--host", "127.0.0.1", "--port",
+                                       str(free_tcp_port)]

@@ -1,13 +1,18 @@
 """`versavit ...`: one subcommand per stage, plus config and pipeline commands.
 
-Expected failures (a bad config, storage, corrupt data) print one message and exit non-zero
-without a traceback: 2 for a bad config or usage, 1 for a failed stage.
+Expected failures (a bad config or usage, storage, corrupt data, an unwritable output) print one
+line (`error: ...`; a bad config adds one line per problem) and exit non-zero without a traceback:
+2 for a bad config or usage, 1 for a failed stage or an unwritable output.
 """
 
 from __future__ import annotations
 
+import difflib
+import errno
 import logging
 import os
+import re
+import socket
 import sys
 from pathlib import Path
 
@@ -15,7 +20,7 @@ import typer
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from versavit import storage
+from versavit import layout, storage
 from versavit.config import ConfigError, RunConfig, dump_yaml, load_config
 from versavit.progress import console, per_name, progress_bar
 
@@ -36,6 +41,30 @@ ConfigOpt = typer.Option(None, "--config", "-c", help=f"run config YAML (default
 PIPELINE_HELP = "versavit | ablation (Table 4) | recipes (VersaViT vs. + synergy vs. SAILViT-style)"
 OverridesArg = typer.Argument(None, help="dotted overrides, e.g. train.multitask.max_steps=50",
                               show_default=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"versavit {version('versavit')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
+
+
+def _error(message: str) -> None:
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+
+
+def _fail(message: str) -> None:
+    """Stop a command with one line and exit status 1."""
+    _error(message)
+    raise typer.Exit(1)
 
 
 def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:
@@ -78,6 +107,7 @@ def data_synth(
     syn = SyntheticConfig(**{**cfg.data.synthetic.model_dump(), "num_train": num_samples,
                              "num_val": num_val or max(1, num_samples // 8), "seed": seed,
                              "image_size": image_size, "samples_per_shard": samples_per_shard})
+    storage.ensure_bucket(out)  # an unwritable --out fails here, before the progress bar draws anything
     with progress_bar() as bar:
         manifests = build_synthetic(out, syn, workers=workers, progress=per_name(bar, "render"))
     for split, m in manifests.items():
@@ -86,7 +116,7 @@ def data_synth(
 
 
 @app.command("ui")
-def ui(config: Path = ConfigOpt, port: int = typer.Option(5000, "--port"),
+def ui(config: Path = ConfigOpt, port: int = typer.Option(5000, "--port", min=1, max=65535),
        overrides: list[str] = OverridesArg) -> None:
     """Open the MLflow UI on the run's local store, bound to 127.0.0.1."""
     import subprocess
@@ -94,11 +124,23 @@ def ui(config: Path = ConfigOpt, port: int = typer.Option(5000, "--port"),
     from versavit.tracking import tracking_uri
 
     cfg = _load(config, overrides)
-    uri = tracking_uri(cfg)
+    root = layout.local_root(cfg)
+    # tracking_uri() creates the store's folder: a store that is not there yet is only named, not made
+    uri = tracking_uri(cfg) if cfg.tracking.uri or root.is_dir() else f"sqlite:///{root.resolve() / 'mlflow.db'}"
+    db = uri.removeprefix("sqlite:///")
+    if uri.startswith("sqlite:///") and not Path(db).is_file():  # mlflow would create an empty store
+        _fail(f"no MLflow store at {db}: run a pipeline first, or pass tracking.uri=...")
+    with socket.socket() as sock:  # mlflow only logs a busy port, and exits 0
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            _fail(f"port {port} on 127.0.0.1 is in use: pass --port N")
     console.print(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C to stop)")
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                                      "--host", "127.0.0.1", "--port", str(port)], env=env))
+    code = subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                            "--host", "127.0.0.1", "--port", str(port)], env=env)
+    raise typer.Exit(code if code >= 0 else 128 - code)  # killed by signal N: 128 + N, as a shell says
 
 
 def _train(stage: str, config: Path | None, overrides: list[str] | None) -> None:
@@ -312,6 +354,21 @@ def eval_command(
     console.print(f"report: {result['out_dir']} ({len(result['files'])} files); MLflow run {result['mlflow_run_id']}")
 
 
+# an OSError with one of these on a path: the output cannot go there (not a bug, no traceback)
+UNWRITABLE = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EROFS,
+              errno.ENOSPC}
+
+
+def _click_message(exc: Exception) -> str:
+    """A click error as one line; an unknown command gets the group's closest command names."""
+    message = " ".join(line.strip() for line in exc.format_message().splitlines() if line.strip())
+    typo, ctx = re.match(r"No such command '(.+)'", message), getattr(exc, "ctx", None)
+    if typo and "Did you mean" not in message and hasattr(getattr(ctx, "command", None), "list_commands"):
+        close = difflib.get_close_matches(typo.group(1), ctx.command.list_commands(ctx))
+        message += f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    return message
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=console, show_path=False)])
@@ -325,23 +382,31 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except ConfigError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        _error(str(exc))
         sys.exit(2)
     except (storage.StorageError, CorruptDataError, LaunchError) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        _error(str(exc))
         sys.exit(1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
         console.print("aborted")
         sys.exit(130)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except OSError as exc:
+        if exc.filename is None or exc.errno not in UNWRITABLE:
+            raise
+        _error(f"cannot write {exc.filename}: {exc.strerror} (choose a writable --out / workdir)")
+        sys.exit(1)
+    except Exception as exc:
+        # click's errors (typer's vendored click or click itself): usage errors exit 2, the rest 1
+        if not isinstance(getattr(exc, "exit_code", None), int) or not hasattr(exc, "format_message"):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: typer's rich help is already printed
+            if help_text := exc.format_message():
+                typer.echo(help_text)
+            sys.exit(0)
+        _error(_click_message(exc))
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

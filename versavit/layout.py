@@ -7,7 +7,7 @@ beyond creating local report folders).
       data/labelled-<kind>/{train,val}    intermediate outputs of chained teachers  label_step_url
       stages/<stage>[-<variant>]/         a training stage                          stage_url
         checkpoints/  export/  stage.json                                           stage_manifest_url, export_url
-      reports/<name>/                     figures, tables, logs, metrics.jsonl      reports_dir
+      reports/<name>/                     figures, tables, logs, metrics.jsonl      reports_dir, metrics_log
       cache/eval/                         cached features, downloaded exports       eval_cache_dir
       mlflow.db, mlflow-pending/          the local MLflow store, unsent records    local_root
       kfp-local/                          KFP's local pipeline root
@@ -37,6 +37,18 @@ def reports_dir(cfg: RunConfig, name: str) -> Path:
     path = local_root(cfg) / "reports" / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def metrics_log(cfg: RunConfig, name: str) -> Path:
+    """A training run's per-step metrics (JSON lines), beside its other reports."""
+    return reports_dir(cfg, name) / "metrics.jsonl"
+
+
+def metrics_log_of_export(export: Path) -> Path | None:
+    """The metrics log of the run that wrote a local export at `<workdir>/stages/<name>/export`, if it is one."""
+    if export.name == "export" and export.parent.parent.name == "stages":
+        return export.parents[2] / "reports" / export.parent.name / "metrics.jsonl"
+    return None
 
 
 def run_name(stage: str, variant: str = "") -> str:
