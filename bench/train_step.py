@@ -126,7 +126,7 @@ def main() -> None:
     cfg = load_config(ROOT / "configs/tiny.yaml", [
         f"workdir={workdir}", f"data.num_workers={args.workers}", "tracking.enabled=false",
         f"data.synthetic.image_size={s}", "data.synthetic.num_train=64", "data.synthetic.num_val=4",
-        f"train.multitask.resolution={{caption_max: {s}, caption_min: 28, depth: {s}, refseg: {s}}}",
+        f"train.resolution={{caption_max: {s}, caption_min: 28, depth: {s}, refseg: {s}}}",
         f"train.precision={args.precision}", "train.multitask.max_steps=10000", "launch.nproc_per_node=1",
         f"train.zero_stage={args.zero}", *args.overrides,
     ])
@@ -141,7 +141,7 @@ def main() -> None:
     plan = tr.plan
     # a plain copy of the model: the engine's module carries DeepSpeed's gradient hooks
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    bare_model = VersaViT.build(cfg.model, tasks=plan.tasks, weights=cfg.train.multitask.loss_weights, dtype=dtype)
+    bare_model = VersaViT.build(cfg.model, tasks=plan.tasks, loss=cfg.train.loss, dtype=dtype)
     bare_model.load_state_dict(tr.engine.module.state_dict())
     bare_model.train()
 

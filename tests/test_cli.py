@@ -108,11 +108,11 @@ def test_usage_error_is_one_line_exit_2(args: tuple[str, ...], start: str) -> No
 
 
 def test_bad_config_still_names_each_problem(tmp_path: Path) -> None:
-    res = cli("config", "validate", "--config", small_config(tmp_path), "seed=abc")
+    res = cli("config", "validate", "--config", small_config(tmp_path), "train.seed=abc")
     assert res.returncode == 2
     first, *problems = res.stderr.splitlines()
     assert first.startswith("error: invalid configuration (") and first.endswith("): 1 problem(s)")
-    assert len(problems) == 1 and problems[0].strip().startswith("seed = 'abc':")
+    assert len(problems) == 1 and problems[0].strip().startswith("train.seed = 'abc':")
 
 
 def test_unwritable_out_is_one_line_exit_1(tmp_path: Path) -> None:

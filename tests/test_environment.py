@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 import sys
-import tomllib
 from importlib import metadata
 
 import pytest
+import tomllib
 from env_helpers import ROOT, locked_versions, normalise
 
 LOCKS = sorted((ROOT / "requirements").glob("lock-py3.*.txt"))

@@ -19,9 +19,9 @@ SHRINK = [  # the tiny config's structure, smaller numbers: the suite must stay 
     "model.heads.caption.projector_hidden=32", "model.heads.caption.tiny_llm_hidden=32",
     "model.heads.caption.tiny_llm_layers=1", "model.heads.depth.features=16",
     "model.heads.refseg.decoder_dim=32", "model.heads.refseg.decoder_depth=1", "model.heads.refseg.decoder_heads=2",
-    "train.multitask.resolution={caption_max: 56, caption_min: 28, depth: 56, refseg: 56}",
+    "train.resolution={caption_max: 56, caption_min: 28, depth: 56, refseg: 56}",
     "train.multitask.batch_size={caption: 2, depth: 4, refseg: 4}",
-    "train.warmup.micro_batch=2", "train.warmup.global_batch=4", "train.warmup.max_steps=3",
+    "train.warmup.batch_size={caption: 2}", "train.warmup.global_batch=4", "train.warmup.max_steps=3",
     "train.multitask.max_steps=6", "train.multitask.checkpoint_interval=3",
     "eval.probe.seg_resolution=56", "eval.probe.depth_resolution=56", "eval.probe.epochs=2",
 ]

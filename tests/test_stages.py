@@ -28,7 +28,7 @@ def test_data_stages_nest_under_the_parent_run_and_reuse_finished_data(tmp_path:
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["versavit.kfp_run_id"] == "kfp-123"
-    assert parent.data.params["train.multitask.optim.lr_backbone"] == "0.0003"
+    assert parent.data.params["train.multitask.lr_backbone"] == "0.0003"
     runs = {r.data.tags.get("versavit.stage"): r for r in client.search_runs([exp.experiment_id])}
     data_run, check_run = runs["data"], runs["data_check"]
     for r in (data_run, check_run):

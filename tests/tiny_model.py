@@ -10,5 +10,5 @@ TINY_MODEL = [
     "model.heads.depth.features=16",
     "model.heads.refseg.decoder_dim=32", "model.heads.refseg.decoder_depth=1",
     "model.heads.refseg.decoder_heads=2",
-    "train.multitask.resolution={caption_max: 56, caption_min: 28, depth: 56, refseg: 56}",
+    "train.resolution={caption_max: 56, caption_min: 28, depth: 56, refseg: 56}",
 ]

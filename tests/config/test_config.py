@@ -26,11 +26,14 @@ def test_shipped_configs_validate(name: str) -> None:
 
 def test_paper_config_has_recipe_numbers() -> None:
     cfg = load_config(ROOT / "configs" / "paper.yaml")
-    mt = cfg.train.multitask
-    assert (mt.optim.lr_backbone, mt.optim.lr_heads, cfg.train.warmup.lr) == (1e-5, 1e-4, 1e-3)
-    assert mt.batch_size == {"caption": 8, "depth": 32, "refseg": 32}
-    assert (mt.resolution.depth, mt.resolution.refseg, mt.resolution.caption_max) == (532, 560, 896)
-    assert (mt.loss_weights.seg_bce, mt.loss_weights.seg_dice, mt.loss_weights.depth_gm) == (2.0, 0.5, 0.5)
+    mt, warm, tr = cfg.train.multitask, cfg.train.warmup, cfg.train
+    assert (mt.lr_backbone, mt.lr_heads, warm.lr_backbone, warm.lr_heads) == (1e-5, 1e-4, 1e-3, 1e-3)
+    assert mt.batch_size == {"caption": 8, "depth": 32, "refseg": 32} and warm.batch_size == {"caption": 8}
+    assert (tr.resolution.depth, tr.resolution.refseg, tr.resolution.caption_max) == (532, 560, 896)
+    assert (tr.loss.seg_bce, tr.loss.seg_dice, tr.loss.depth_gm, tr.loss.gm_scales) == (2.0, 0.5, 0.5, 4)
+    assert (tr.optim.weight_decay, tr.optim.warmup_ratio, tr.optim.grad_clip) == (0.05, 0.03, 1.0)
+    assert mt.loss_weights == pytest.approx({"caption": 1 / 3, "depth": 1 / 3, "refseg": 1 / 3})
+    assert cfg.eval.benchmarks == ["ade20k", "cityscapes", "voc", "nyu", "kitti", "refcoco"]
     assert cfg.model.backbone.embed_dim == 1280 and cfg.model.backbone.depth == 32
     assert cfg.train.zero_stage == 2 and cfg.train.precision == "bf16"
     assert cfg.launch.backend == "pytorchjob" and cfg.launch.nnodes * cfg.launch.nproc_per_node == 128
@@ -48,7 +51,7 @@ def test_overrides_are_typed_and_nested() -> None:
 
 def test_config_hash_changes_with_content() -> None:
     a = load_config(ROOT / "configs/tiny.yaml")
-    b = load_config(ROOT / "configs/tiny.yaml", ["seed=1"])
+    b = load_config(ROOT / "configs/tiny.yaml", ["train.seed=1"])
     assert config_hash(a) == config_hash(load_config(ROOT / "configs/tiny.yaml"))
     assert config_hash(a) != config_hash(b)
 
@@ -59,7 +62,7 @@ def test_config_hash_changes_with_content() -> None:
         ("train.multitask.max_stepz=3", "train.multitask.max_stepz", "unknown key"),
         ("data.num_workers=abc", "data.num_workers", "valid integer"),
         ("data.num_workers=-1", "data.num_workers", "greater than or equal to 0"),
-        ("train.multitask.resolution.depth=530", "train.multitask.resolution.depth", "multiple of 28"),
+        ("train.resolution.depth=530", "train.resolution.depth", "multiple of 28"),
         ("eval.probe.seg_resolution=500", "eval.probe.seg_resolution", "multiple of 28"),
         ("train.multitask.loss_weights.depth=-0.5", "train.multitask.loss_weights.depth",
          "greater than or equal to 0"),
@@ -78,9 +81,9 @@ def test_bad_config_fails_with_path(override: str, path: str, expect: str) -> No
 
 
 def test_cli_bad_config_exit_2_no_traceback(tmp_path: Path) -> None:
-    res = cli("config", "validate", "--config", "configs/tiny.yaml", "train.multitask.resolution.refseg=561")
+    res = cli("config", "validate", "--config", "configs/tiny.yaml", "train.resolution.refseg=561")
     assert res.returncode == 2
-    assert "train.multitask.resolution.refseg = 561" in res.stderr and "multiple of 28" in res.stderr
+    assert "train.resolution.refseg = 561" in res.stderr and "multiple of 28" in res.stderr
     assert "Traceback" not in res.stderr + res.stdout
 
     bad = tmp_path / "bad.yaml"
@@ -106,5 +109,6 @@ def test_cli_show_prints_resolved_yaml() -> None:
     assert res.returncode == 0, res.stderr
     shown = yaml.safe_load(res.stdout)
     assert shown["train"]["multitask"]["max_steps"] == 7
-    assert shown["train"]["multitask"]["optim"]["betas"] == [0.9, 0.999]  # defaults filled in
+    assert shown["train"]["optim"]["betas"] == [0.9, 0.999]  # defaults filled in
+    assert shown["train"]["warmup"]["trainable"] == ["projector"]
     load_config(None, [])  # the defaults alone are valid too

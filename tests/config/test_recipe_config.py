@@ -1,4 +1,4 @@
-"""Recipes as config: VersaViT's stages derived from warmup/multitask, `base:` files, list overrides."""
+"""Recipes as config: VersaViT's stages are the warmup/multitask presets, `base:` files, list overrides."""
 
 from __future__ import annotations
 
@@ -17,13 +17,12 @@ def test_without_a_recipe_the_stages_are_versavits_two() -> None:
     assert cfg.train.recipe is None
     warm, multi = cfg.train.stages()
     assert (warm.name, warm.tasks, warm.trainable) == ("warmup", ["caption"], ["projector"])
-    assert warm.global_batch == cfg.train.warmup.global_batch
-    assert (warm.lr_backbone, warm.weight_decay, warm.init_from) == (cfg.train.warmup.lr, 0.0, None)
+    assert warm is cfg.train.warmup and multi is cfg.train.multitask  # the presets are the stages
+    assert (warm.global_batch, warm.batch_size, warm.max_steps) == (16, {"caption": 8}, 20)
+    assert (warm.lr_backbone, warm.lr_heads, warm.weight_decay, warm.init_from) == (1e-3, 1e-3, 0.0, None)
     assert (multi.name, multi.tasks, multi.trainable, multi.init_from) == (
         "multitask", ["caption", "depth", "refseg"], ["*"], "auto")
-    optim = cfg.train.multitask.optim
-    assert (multi.lr_backbone, multi.lr_heads, multi.synergy.enabled) == (optim.lr_backbone, optim.lr_heads, False)
-    assert (warm.max_steps, multi.max_steps) == (cfg.train.warmup.max_steps, cfg.train.multitask.max_steps)
+    assert (multi.lr_backbone, multi.lr_heads, multi.synergy.enabled, multi.max_steps) == (3e-4, 1e-3, False, 200)
     no_warm = load_config(ROOT / "configs/tiny.yaml", ["train.warmup.enabled=false"])
     assert [s.name for s in no_warm.train.stages()] == ["multitask"]
     with pytest.raises(ValueError, match="unknown stage 'coarse'"):
@@ -50,11 +49,11 @@ def test_list_overrides_by_index_or_name() -> None:
 
 
 def test_base_chain_and_errors(tmp_path: Path) -> None:
-    (tmp_path / "a.yaml").write_text("name: a\ntrain: {seed: 3, warmup: {lr: 0.5}}\n")
+    (tmp_path / "a.yaml").write_text("name: a\ntrain: {seed: 3, warmup: {lr_backbone: 0.5}}\n")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\ntrain: {warmup: {max_steps: 7}}\n")
     cfg = load_config(tmp_path / "sub" / "b.yaml")
-    assert (cfg.name, cfg.train.seed, cfg.train.warmup.lr, cfg.train.warmup.max_steps) == ("a", 3, 0.5, 7)
+    assert (cfg.name, cfg.train.seed, cfg.train.warmup.lr_backbone, cfg.train.warmup.max_steps) == ("a", 3, 0.5, 7)
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="leads back to itself"):
         load_config(tmp_path / "loop.yaml")

@@ -125,7 +125,8 @@ def test_images_install_from_the_lock_of_their_python(dockerfile: Path) -> None:
     """Each image copies the lock of its own Python minor, and every pip install goes through it: the
     images get exactly the versions the test suite ran with (requirements/lock-py3.X.txt)."""
     minor, lock = lock_of(dockerfile)
-    assert minor == base_python(dockerfile), f"{dockerfile.parent.name}: lock for {minor} on a {base_python(dockerfile)} base"
+    base = base_python(dockerfile)
+    assert minor == base, f"{dockerfile.parent.name}: lock for {minor} on a {base} base"
     installs = [args for op, rest in resolved(dockerfile) if op == "RUN" for args in pip_installs(rest)]
     assert installs
     for args in installs:

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
-from train_helpers import ROOT, add_embeddings, tiny_overrides
+from train_helpers import ROOT, add_embeddings, tiny_overrides, train_cmd
 
 from versavit.config import load_config
 from versavit.config.schema import SyntheticConfig
@@ -25,6 +27,23 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_synthetic(root, SyntheticConfig(**cfg.data.synthetic.model_dump()), workers=0)
     for split in ("train", "val"):
         add_embeddings(f"{root}/{split}")
+    return workdir
+
+
+TRAINED_STEPS = 40
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real multi-task run, shared by the training, export, registry and evaluation tests: 2 processes
+    under torchrun, DeepSpeed ZeRO-2, bf16, 40 steps on the tiny world (trained once per test session)."""
+    workdir = tmp_path_factory.mktemp("trained-run")
+    shutil.copytree(tiny_world / "data", workdir / "data")
+    res = subprocess.run(train_cmd(workdir, "multitask", f"train.multitask.max_steps={TRAINED_STEPS}",
+                                   f"train.multitask.checkpoint_interval={TRAINED_STEPS}", "train.precision=bf16",
+                                   "train.zero_stage=2"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
     return workdir
 
 

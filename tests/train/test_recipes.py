@@ -101,7 +101,7 @@ def _state_before(cfg: RunConfig, stage: str, variant: str) -> tuple[dict[str, t
     """The weights `stage` starts from (seeded init + what earlier stages trained) and its trainable set."""
     rs = cfg.train.stage(stage)
     torch.manual_seed(cfg.train.seed)  # as Trainer.setup: the synergy module is built last, so it changes nothing
-    model = VersaViT.build(cfg.model, tasks=rs.tasks, weights=cfg.train.multitask.loss_weights)
+    model = VersaViT.build(cfg.model, tasks=rs.tasks, loss=cfg.train.loss)
     init = resolve_init(cfg, stage, variant)
     if init:
         _init_weights_from(model, init)

@@ -8,12 +8,11 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from train_helpers import tiny_config
+from train_helpers import read_metrics, tiny_config, train_cmd
 
 from versavit.data.tasks import task_batches
 from versavit.models.multitask import VersaViT
@@ -25,15 +24,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def workdir_with_data(tiny_world: Path, tmp_path: Path) -> Path:
     shutil.copytree(tiny_world / "data", tmp_path / "data")
     return tmp_path
-
-
-def read_metrics(workdir: Path, stage: str) -> dict[int, dict]:
-    """Per-step metrics (a resumed run re-logs steps after its checkpoint: the last record wins)."""
-    out = {}
-    for line in (workdir / "reports" / stage / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        out[rec["step"]] = rec
-    return out
 
 
 def test_plan_stage(tiny_world: Path) -> None:
@@ -87,45 +77,6 @@ def test_multitask_every_parameter_learns_in_its_group(tiny_world: Path) -> None
         assert {n.split(".")[1] for n in touched if n.startswith("heads.")} == {task}
 
 
-def _train_cmd(workdir: Path, stage: str, *extra: str) -> list[str]:
-    from train_helpers import tiny_overrides
-
-    return [sys.executable, "-m", "versavit.cli", "train", stage, "--config", "configs/tiny.yaml",
-            *tiny_overrides(workdir), *extra]
-
-
-@pytest.mark.slow
-def test_multitask_two_processes_zero2_every_loss_falls(tiny_world: Path, tmp_path: Path) -> None:
-    workdir = workdir_with_data(tiny_world, tmp_path)
-    res = subprocess.run(_train_cmd(workdir, "multitask", "train.multitask.max_steps=40",
-                                    "train.multitask.checkpoint_interval=40", "train.precision=bf16",
-                                    "train.zero_stage=2"),
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    metrics = read_metrics(workdir, "multitask")
-    assert sorted(metrics) == list(range(1, 41))
-    for task in ("caption", "depth", "refseg"):
-        first = sum(metrics[s][f"loss/{task}"] for s in range(1, 6)) / 5
-        last = sum(metrics[s][f"loss/{task}"] for s in range(36, 41)) / 5
-        assert last < first, (task, first, last)
-    stage = json.loads((workdir / "stages" / "multitask" / "stage.json").read_text())
-    assert stage["steps"] == 40 and stage["tasks"] == ["caption", "depth", "refseg"]
-    # the exported backbone loads with the same class
-    from versavit.models.backbone import VisionBackbone
-
-    bb = VisionBackbone.from_pretrained(str(workdir / "stages" / "multitask" / "export" / "backbone"))
-    assert bb.embed_dim == 32
-    # MLflow: per-task losses and the registered backbone
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
-    run = client.get_run(stage["mlflow_run_id"])
-    assert {"loss/caption", "loss/depth", "loss/refseg", "lr/backbone", "lr/heads",
-            "throughput/depth_samples_per_s"} <= set(run.data.metrics)
-    assert len(client.get_metric_history(run.info.run_id, "loss/depth")) == 40
-    assert client.search_model_versions("name='tiny-multitask-backbone'")
-
-
 def _wait_for(path: Path, predicate, timeout: float) -> None:
     end = time.time() + timeout
     while time.time() < end:
@@ -144,13 +95,13 @@ def test_sigkill_after_checkpoint_then_resume_reproduces_losses(tiny_world: Path
     common = ["train.multitask.max_steps=12", "train.multitask.checkpoint_interval=4", "train.precision=fp32",
               "data.num_workers=1"]
     ref = workdir_with_data(tiny_world, tmp_path / "ref")
-    res = subprocess.run(_train_cmd(ref, "multitask", *common), cwd=ROOT, capture_output=True, text=True,
+    res = subprocess.run(train_cmd(ref, "multitask", *common), cwd=ROOT, capture_output=True, text=True,
                          timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     expected = read_metrics(ref, "multitask")
 
     run = workdir_with_data(tiny_world, tmp_path / "killed")
-    proc = subprocess.Popen(_train_cmd(run, "multitask", *common), cwd=ROOT, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(train_cmd(run, "multitask", *common), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_for(run / "stages" / "multitask" / "checkpoints" / "latest.json", lambda r: r["step"] >= 4, 600)
@@ -161,7 +112,7 @@ def test_sigkill_after_checkpoint_then_resume_reproduces_losses(tiny_world: Path
     assert 4 <= killed_at < 12
     assert not (run / "stages" / "multitask" / "stage.json").exists()
 
-    res = subprocess.run(_train_cmd(run, "multitask", *common), cwd=ROOT, capture_output=True, text=True,
+    res = subprocess.run(train_cmd(run, "multitask", *common), cwd=ROOT, capture_output=True, text=True,
                          timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     resumed = read_metrics(run, "multitask")
@@ -174,7 +125,7 @@ def test_sigkill_after_checkpoint_then_resume_reproduces_losses(tiny_world: Path
 @pytest.mark.slow
 def test_a_dying_rank_is_reported_by_rank_with_its_log(tiny_world: Path, tmp_path: Path) -> None:
     workdir = workdir_with_data(tiny_world, tmp_path)
-    res = subprocess.run(_train_cmd(workdir, "multitask", "train.multitask.max_steps=6", "train.precision=fp32"),
+    res = subprocess.run(train_cmd(workdir, "multitask", "train.multitask.max_steps=6", "train.precision=fp32"),
                          cwd=ROOT, capture_output=True, text=True, timeout=900,
                          env={**os.environ, "VERSAVIT_FAULT_INJECT": "rank=1,step=2"})
     assert res.returncode == 1

@@ -6,6 +6,8 @@ modules would otherwise shadow each other when pytest runs them together.
 
 from __future__ import annotations
 
+import json
+import sys
 import zlib
 from pathlib import Path
 
@@ -57,10 +59,25 @@ def tiny_overrides(workdir: Path) -> list[str]:
         "data.synthetic.samples_per_shard=16",
         *TINY_MODEL, f"model.heads.refseg.text_dim={EMB_DIM}",
         "train.multitask.batch_size={caption: 2, depth: 4, refseg: 4}",
-        "train.warmup.micro_batch=2", "train.warmup.global_batch=4",
+        "train.warmup.batch_size={caption: 2}", "train.warmup.global_batch=4",
         "tracking.experiment=train-test", "launch.nproc_per_node=2",
     ]
 
 
 def tiny_config(workdir: Path, *extra: str) -> RunConfig:
     return load_config(ROOT / "configs/tiny.yaml", [*tiny_overrides(workdir), *extra])
+
+
+def train_cmd(workdir: Path, stage: str, *extra: str) -> list[str]:
+    """`versavit train <stage>` on the tiny config in `workdir` (2 processes under torchrun)."""
+    return [sys.executable, "-m", "versavit.cli", "train", stage, "--config", "configs/tiny.yaml",
+            *tiny_overrides(workdir), *extra]
+
+
+def read_metrics(workdir: Path, stage: str) -> dict[int, dict]:
+    """Per-step metrics (a resumed run re-logs steps after its checkpoint: the last record wins)."""
+    out = {}
+    for line in (workdir / "reports" / stage / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec
+    return out

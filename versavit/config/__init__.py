@@ -9,9 +9,10 @@ from versavit.config.loader import (
     load_config,
     load_config_text,
 )
-from versavit.config.schema import TASKS, RunConfig
+from versavit.config.schema import BENCHMARK_NAMES, TASKS, RunConfig
 
 __all__ = [
+    "BENCHMARK_NAMES",
     "TASKS",
     "ConfigError",
     "RunConfig",

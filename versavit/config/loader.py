@@ -77,15 +77,33 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Keys of earlier layouts and where they live now: named in the "unknown key" message.
+MOVED_KEYS = {
+    "seed": "train.seed (model init, data order), eval.seed (probes), data.synthetic.seed (the world)",
+    "train.warmup.lr": "train.warmup.lr_backbone and train.warmup.lr_heads",
+    "train.warmup.micro_batch": "train.warmup.batch_size.caption",
+    "train.multitask.optim": "train.optim, shared by every stage (the learning rates: train.multitask.lr_backbone, "
+                             "train.multitask.lr_heads)",
+    "train.multitask.resolution": "train.resolution",
+    **{f"train.multitask.loss_weights.{k}": f"train.loss.{k}"
+       for k in ("depth_ssi", "depth_gm", "gm_scales", "seg_bce", "seg_dice")},
+}
+
+
 def _format_validation_error(exc: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}): {exc.error_count()} problem(s)"]
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"]) or "<root>"
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check spelling; `versavit config show` lists the valid keys)"
         value = err.get("input")
-        shown = "" if err["type"] in ("missing",) or isinstance(value, dict) else f" = {value!r}"
+        is_key = path.endswith(".[key]")  # a key of a mapping with fixed keys (e.g. tasks): an unknown key too
+        if err["type"] == "extra_forbidden" or is_key:
+            path = path.removesuffix(".[key]")
+            expected = f"; expected {msg.removeprefix('Input should be ')}" if is_key else ""
+            msg = f"unknown key (check spelling{expected}; `versavit config show` lists the valid keys)"
+            if path in MOVED_KEYS:
+                msg = f"unknown key: moved to {MOVED_KEYS[path]}"
+        shown = "" if err["type"] in ("missing",) or is_key or isinstance(value, dict) else f" = {value!r}"
         shown = re.sub(r"(\w+://)[^/@\s'\"]+@", r"\1***@", shown)  # never echo credentials
         lines.append(f"  {path}{shown}: {msg}")
     return "\n".join(lines)

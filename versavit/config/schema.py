@@ -6,15 +6,20 @@ to the paper's recipe (RECIPE.md); `configs/tiny.yaml` scales sizes down for a 2
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from versavit.config.trainable import check_pattern
 
 TASKS: tuple[str, ...] = ("caption", "depth", "refseg")
 Task = Literal["caption", "depth", "refseg"]
 PATCH_MULTIPLE = 28  # patch 14 x 2x2 spatial merge: every fixed resolution must be a multiple
+# The evaluator's benchmarks (versavit.eval.datasets.BENCHMARKS, whose keys a test holds equal to this), named
+# here so that `eval.benchmarks` is checked when the config loads, not at the end of a run.
+BENCHMARK_NAMES: tuple[str, ...] = (
+    "synthetic", "ade20k", "voc", "cityscapes", "nyu", "kitti", "refcoco", "refcoco+", "refcocog")
 
 
 class Strict(BaseModel):
@@ -56,7 +61,7 @@ class SyntheticConfig(Strict):
     image_size: int = Field(224, ge=32)
     min_objects: int = Field(3, ge=1)
     max_objects: int = Field(6, ge=1)
-    seed: int = 0
+    seed: int = Field(0, description="seeds the synthetic world (every sample's scene)")
     samples_per_shard: int = Field(128, ge=1)
 
     @model_validator(mode="after")
@@ -71,7 +76,6 @@ class DataSource(Strict):
 
     urls: list[str] = Field(default_factory=list, description="dataset folders or .tar shard URLs")
     val_urls: list[str] = Field(default_factory=list)
-    weight: float = Field(1.0, ge=0)
 
 
 class DataConfig(Strict):
@@ -150,10 +154,25 @@ class ModelConfig(Strict):
 
 
 # --------------------------------------------------------------------------------------------
-# training stages
+# training: the settings every stage shares, then the stages
+
+
+class OptimConfig(Strict):
+    """AdamW and its schedule, shared by every stage (`train.optim`). The learning rates are each stage's
+    (`lr_backbone`, `lr_heads`)."""
+
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay of every stage whose own "
+                                "weight_decay is null")
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="linear LR warm-up over this fraction of a stage's "
+                                "steps, then the schedule")
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = Field(1.0, gt=0, description="gradient-norm clipping")
 
 
 class ResolutionConfig(Strict):
+    """Input sizes of every stage (`train.resolution`); evaluation runs the trained heads at depth / refseg."""
+
     caption_max: int = Field(896, ge=28, description="VQA/caption: dynamic resolution up to this side")
     caption_min: int = Field(56, ge=28)
     depth: int = Field(532, ge=28)
@@ -162,38 +181,21 @@ class ResolutionConfig(Strict):
     _mult = field_validator("caption_max", "caption_min", "depth", "refseg")(_check_multiple_of_28)
 
 
-class LossWeights(Strict):
-    caption: float = Field(1 / 3, ge=0)
-    depth: float = Field(1 / 3, ge=0)
-    refseg: float = Field(1 / 3, ge=0)
-    depth_ssi: float = Field(1.0, ge=0)
-    depth_gm: float = Field(0.5, ge=0)
-    gm_scales: int = Field(4, ge=1)
-    seg_bce: float = Field(2.0, ge=0)
-    seg_dice: float = Field(0.5, ge=0)
+class LossConfig(Strict):
+    """The terms inside the depth and referring-segmentation losses, shared by every stage (`train.loss`).
+    How much each task counts (lambda) is each stage's `loss_weights`."""
 
-
-class OptimConfig(Strict):
-    lr_backbone: float = Field(1e-5, gt=0, description="ViT, projector and LLM")
-    lr_heads: float = Field(1e-4, gt=0, description="depth and segmentation heads")
-    weight_decay: float = Field(0.05, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    grad_clip: float = Field(1.0, gt=0)
+    depth_ssi: float = Field(1.0, ge=0, description="scale-and-shift-invariant depth term")
+    depth_gm: float = Field(0.5, ge=0, description="multi-scale gradient-matching depth term")
+    gm_scales: int = Field(4, ge=1, description="scales of the gradient-matching term")
+    seg_bce: float = Field(2.0, ge=0, description="binary cross-entropy of the mask")
+    seg_dice: float = Field(0.5, ge=0, description="Dice loss of the mask")
 
 
 class StageLength(Strict):
     max_steps: int | None = Field(None, ge=1, description="optimiser steps; overrides epochs")
     epochs: float = Field(1.0, gt=0)
     checkpoint_interval: int = Field(1000, ge=1)
-
-
-class WarmupStageConfig(StageLength):
-    enabled: bool = True
-    lr: float = Field(1e-3, gt=0)
-    global_batch: int = Field(1024, ge=1)
-    micro_batch: int = Field(8, ge=1)
 
 
 class SynergyConfig(Strict):
@@ -229,61 +231,53 @@ def _check_batches(v: dict[str, int]) -> dict[str, int]:
     return v
 
 
-class MultitaskStageConfig(StageLength):
-    tasks: list[Task] = Field(default_factory=lambda: list(TASKS))
-    init_from: str | None = Field(
-        "auto", description="weights trained by an earlier stage: 'auto' = this run's warm-up (the previous "
-        "recipe stage) if it exists, a URL of a stage export, or null")
-    loss_weights: LossWeights = LossWeights()
-    optim: OptimConfig = OptimConfig()
-    batch_size: dict[Task, int] = Field(default_factory=lambda: {"caption": 8, "depth": 32, "refseg": 32})
-    resolution: ResolutionConfig = Field(ResolutionConfig(), description="input sizes of every stage")
-    synergy: SynergyConfig = SynergyConfig()
-
-    _tasks = field_validator("tasks")(_check_tasks)
-    _batches = field_validator("batch_size")(_check_batches)
-
-    @model_validator(mode="after")
-    def _batch_for_every_task(self) -> MultitaskStageConfig:
-        missing = [t for t in self.tasks if t not in self.batch_size]
-        if missing:
-            raise ValueError(f"batch_size has no entry for active task(s) {missing}")
-        return self
-
-
 TextSource = Literal["caption", "dense", "vqa", "mixed"]
+
+# The types of the stage fields the presets give other defaults: constraints and descriptions live here once.
+Trainable = Annotated[list[str], Field(
+    min_length=1, description="parameter-name patterns (versavit.config.trainable): globs such as "
+    "'heads.depth.*', 'backbone.blocks[-4:]' for the top 4 ViT blocks, shortcuts 'projector', 'llm', 'vit', "
+    "'*' for everything; '!pattern' excludes. The backbone's unused merger never trains")]
+LrBackbone = Annotated[float, Field(gt=0, description="ViT, projector and LLM parameters")]
+LrHeads = Annotated[float, Field(gt=0, description="depth / segmentation heads and the synergy module")]
+WeightDecay = Annotated[float | None, Field(ge=0, description="None = train.optim.weight_decay")]
+BatchSizes = Annotated[dict[Task, int], Field(description="per-rank micro-batch of each task")]
+GlobalBatch = Annotated[int | None, Field(
+    ge=1, description="single-task stages: accumulate micro-batches up to this many samples per optimiser step "
+    "over all ranks; None = one micro-batch per task per step")]
+LossWeights = Annotated[dict[Task, Annotated[float, Field(ge=0)]], Field(
+    description="lambda per task: how much each active task's loss counts (default: 1/3 each, VersaViT's)")]
+InitFrom = Annotated[str | None, Field(
+    description="'auto' = the export of the previous stage of the recipe (same variant, else variant ''), a URL "
+    "of a stage export, or null")]
+
+WARMUP_TRAINABLE = ["projector"]  # VersaViT's warm-up: the projector alone (ViT and LLM frozen)
+MULTITASK_TRAINABLE = ["*"]  # VersaViT's multi-task stage: ViT, projector, LLM and heads
 
 
 class RecipeStage(StageLength):
     """One stage of a training recipe: what trains, on which tasks and text, how fast and how long.
 
-    Outputs go to `<workdir>/stages/<name>[-<variant>]`. Settings not named here are shared by every stage:
-    `train.multitask.optim` (betas, schedule, warm-up ratio, clipping, default weight decay),
-    `train.multitask.resolution` and the sub-loss weights of `train.multitask.loss_weights`.
+    The only stage type: `train.recipe` lists them, and VersaViT's two stages `train.warmup` and
+    `train.multitask` are presets of it (same fields and checks, other defaults). Outputs go to
+    `<workdir>/stages/<name>[-<variant>]`. Settings not named here are shared by every stage: `train.optim`
+    (betas, schedule, warm-up ratio, clipping, default weight decay), `train.resolution` and `train.loss`.
     """
 
     name: str = Field(pattern=r"^[a-z][a-z0-9-]*$", max_length=24,
                       description="stage folder and job name: lowercase letters, digits, '-'")
     tasks: list[Task]
-    trainable: list[str] = Field(
-        min_length=1, description="parameter-name patterns (versavit.config.trainable): globs such as "
-        "'heads.depth.*', 'backbone.blocks[-4:]' for the top 4 ViT blocks, shortcuts 'projector', 'llm', 'vit', "
-        "'*' for everything; '!pattern' excludes. The backbone's unused merger never trains")
-    lr_backbone: float = Field(1e-5, gt=0, description="ViT, projector and LLM parameters")
-    lr_heads: float = Field(1e-4, gt=0, description="depth / segmentation heads and the synergy module")
-    weight_decay: float | None = Field(None, ge=0, description="None = train.multitask.optim.weight_decay")
-    batch_size: dict[Task, int] = Field(description="per-rank micro-batch of each task")
-    global_batch: int | None = Field(
-        None, ge=1, description="single-task stages: accumulate micro-batches up to this many samples per "
-        "optimiser step over all ranks; None = one micro-batch per task per step")
+    trainable: Trainable
+    lr_backbone: LrBackbone = 1e-5
+    lr_heads: LrHeads = 1e-4
+    weight_decay: WeightDecay = None
+    batch_size: BatchSizes
+    global_batch: GlobalBatch = None
     caption_source: TextSource = Field(
         "mixed", description="text of the caption task: caption (scene captions), dense (region text built from "
         "the objects' referring expressions), vqa (question/answer pairs), mixed (captions and QA, VersaViT)")
-    loss_weights: dict[Task, float] | None = Field(None, description="lambda per task; None = "
-                                                   "train.multitask.loss_weights")
-    init_from: str | None = Field(
-        "auto", description="'auto' = the export of the previous stage of the recipe (same variant, else "
-        "variant ''), a URL of a stage export, or null")
+    loss_weights: LossWeights = Field(default_factory=lambda: dict.fromkeys(TASKS, 1 / 3))
+    init_from: InitFrom = "auto"
     synergy: SynergyConfig = SynergyConfig()
 
     _tasks = field_validator("tasks")(_check_tasks)
@@ -299,31 +293,55 @@ class RecipeStage(StageLength):
         if self.global_batch is not None and len(self.tasks) != 1:
             raise ValueError("global_batch (accumulation) is for single-task stages; multi-task stages take "
                              "one micro-batch per task per step")
-        if self.loss_weights is not None:
-            if missing := [t for t in self.tasks if t not in self.loss_weights]:
-                raise ValueError(f"loss_weights has no entry for active task(s) {missing}")
-            if any(w < 0 for w in self.loss_weights.values()):
-                raise ValueError("loss_weights must be >= 0")
+        if missing := [t for t in self.tasks if t not in self.loss_weights]:
+            raise ValueError(f"loss_weights has no entry for active task(s) {missing}")
         if self.synergy.enabled and len(self.tasks) < 2:
             raise ValueError("synergy needs at least two tasks (its discriminator tells tasks apart)")
         return self
 
 
-WARMUP_TRAINABLE = ["projector"]  # VersaViT's warm-up: the projector alone (ViT and LLM frozen)
-MULTITASK_TRAINABLE = ["*"]  # VersaViT's multi-task stage: ViT, projector, LLM and heads
+class WarmupStage(RecipeStage):
+    """VersaViT's warm-up (`train.warmup`): the projector alone learns to caption, ViT and LLM frozen, at a high
+    rate with a large accumulated batch. A preset of `RecipeStage`: every field can be changed but the name."""
+
+    name: Literal["warmup"] = Field("warmup", description="fixed: the preset's stage folder and job name")
+    tasks: list[Task] = Field(default_factory=lambda: ["caption"])
+    trainable: Trainable = Field(default_factory=lambda: list(WARMUP_TRAINABLE))
+    lr_backbone: LrBackbone = 1e-3
+    lr_heads: LrHeads = 1e-3
+    weight_decay: WeightDecay = 0.0
+    batch_size: BatchSizes = Field(default_factory=lambda: {"caption": 8})
+    global_batch: GlobalBatch = 1024
+    loss_weights: LossWeights = Field(default_factory=lambda: {"caption": 1.0})
+    init_from: InitFrom = None
+    enabled: bool = Field(True, description="false: the recipe starts with the multi-task stage")
+
+
+class MultitaskStage(RecipeStage):
+    """VersaViT's multi-task stage (`train.multitask`): everything trains on caption/VQA, depth and referring
+    segmentation, one micro-batch per task per step. A preset of `RecipeStage`: every field can be changed
+    but the name."""
+
+    name: Literal["multitask"] = Field("multitask", description="fixed: the preset's stage folder and job name")
+    tasks: list[Task] = Field(default_factory=lambda: list(TASKS))
+    trainable: Trainable = Field(default_factory=lambda: list(MULTITASK_TRAINABLE))
+    batch_size: BatchSizes = Field(default_factory=lambda: {"caption": 8, "depth": 32, "refseg": 32})
 
 
 class TrainConfig(Strict):
     precision: Literal["bf16", "fp32"] = "bf16"
     zero_stage: Literal[0, 1, 2] = 2
-    seed: int = 0
+    seed: int = Field(0, description="seeds model initialisation and the data order and sampling of every stage "
+                      "(eval.seed seeds the probes, data.synthetic.seed the synthetic world)")
     dist_timeout_s: int = Field(1800, ge=10, description="a collective waiting longer than this fails the run")
     log_interval: int = Field(1, ge=1, description="optimiser steps between metric points")
-    warmup: WarmupStageConfig = WarmupStageConfig()
-    multitask: MultitaskStageConfig = MultitaskStageConfig()
+    optim: OptimConfig = OptimConfig()
+    resolution: ResolutionConfig = Field(ResolutionConfig(), description="input sizes of every stage")
+    loss: LossConfig = LossConfig()
+    warmup: WarmupStage = WarmupStage()
+    multitask: MultitaskStage = MultitaskStage()
     recipe: list[RecipeStage] | None = Field(
-        None, description="the stages, in order; None = VersaViT's: `warmup` (if enabled) then `multitask`, "
-        "derived from the two blocks above")
+        None, description="the stages, in order; None = VersaViT's: `warmup` (if enabled) then `multitask`")
 
     @model_validator(mode="after")
     def _recipe_valid(self) -> TrainConfig:
@@ -333,31 +351,13 @@ class TrainConfig(Strict):
             names = [s.name for s in self.recipe]
             if twice := sorted({n for n in names if names.count(n) > 1}):
                 raise ValueError(f"recipe names stage(s) {twice} more than once")
-        else:
-            try:  # the derived stages must be valid too (e.g. synergy with a single task)
-                self.stages()
-            except ValidationError as exc:
-                raise ValueError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
         return self
 
     def stages(self) -> list[RecipeStage]:
-        """The recipe: `recipe` as written, or VersaViT's two stages derived from `warmup` and `multitask`."""
+        """The recipe: `recipe` as written, or VersaViT's two presets, `warmup` (if enabled) then `multitask`."""
         if self.recipe is not None:
             return list(self.recipe)
-        out = []
-        w, m = self.warmup, self.multitask
-        length = ("max_steps", "epochs", "checkpoint_interval")
-        if w.enabled:
-            out.append(RecipeStage(
-                name="warmup", tasks=["caption"], trainable=WARMUP_TRAINABLE, lr_backbone=w.lr, lr_heads=w.lr,
-                weight_decay=0.0, batch_size={"caption": w.micro_batch}, global_batch=w.global_batch,
-                loss_weights={"caption": 1.0}, init_from=None, **{k: getattr(w, k) for k in length}))
-        out.append(RecipeStage(
-            name="multitask", tasks=m.tasks, trainable=MULTITASK_TRAINABLE, lr_backbone=m.optim.lr_backbone,
-            lr_heads=m.optim.lr_heads, batch_size={t: m.batch_size[t] for t in m.tasks},
-            loss_weights={t: getattr(m.loss_weights, t) for t in m.tasks}, init_from=m.init_from,
-            synergy=m.synergy, **{k: getattr(m, k) for k in length}))
-        return out
+        return [self.warmup, self.multitask] if self.warmup.enabled else [self.multitask]
 
     def stage(self, name: str) -> RecipeStage:
         """The recipe stage called `name`."""
@@ -406,12 +406,26 @@ class ProbeConfig(Strict):
     _mult = field_validator("seg_resolution", "depth_resolution")(_check_multiple_of_28)
 
 
+def _check_benchmark(spec: str) -> str:
+    """An `eval.benchmarks` entry, `name` or `name=root` (versavit.eval.datasets.parse_benchmark): the name
+    must be one the evaluator knows; the root is checked when the benchmark opens."""
+    name = spec.partition("=")[0].strip().lower()
+    if name not in BENCHMARK_NAMES:
+        close = difflib.get_close_matches(name, BENCHMARK_NAMES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown benchmark {name!r}{hint}; valid names: {', '.join(BENCHMARK_NAMES)}, each "
+                         "optionally as name=/path/to/root")
+    return spec
+
+
 class EvalConfig(Strict):
-    benchmarks: list[str] = Field(default_factory=lambda: ["synthetic"])
+    benchmarks: list[Annotated[str, AfterValidator(_check_benchmark)]] = Field(
+        default_factory=lambda: ["synthetic"], description=f"{', '.join(BENCHMARK_NAMES)}; each `name` or "
+        "`name=root` (a local folder, or for synthetic a shard dataset URL prefix)")
     baseline_backbone: str | None = Field(None, description="path/hub id of the baseline; None = the "
                                           "stage's starting backbone")
     probe: ProbeConfig = ProbeConfig()
-    seed: int = 0
+    seed: int = Field(0, description="seeds the linear probes (head initialisation, batch order)")
 
 
 class TrackingConfig(Strict):
@@ -447,7 +461,6 @@ class LaunchConfig(Strict):
 class RunConfig(Strict):
     name: str = "versavit"
     workdir: str = Field("runs/versavit", description="root URL of everything a run writes (path or s3://)")
-    seed: int = 0
     storage: StorageConfig = StorageConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()

@@ -189,7 +189,7 @@ def task_urls(cfg: RunConfig, task: str, split: str = "train") -> list[str]:
 
 
 def task_view_fn(cfg: RunConfig, task: str, caption_source: str = "mixed"):  # -> Callable[[dict], dict]
-    res = cfg.train.multitask.resolution
+    res = cfg.train.resolution
     seed = cfg.train.seed
     if task == "depth":
         return functools.partial(depth_view, resolution=res.depth, target=cfg.model.heads.depth.target)

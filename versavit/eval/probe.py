@@ -51,10 +51,10 @@ class ProbeSettings:
 
     @classmethod
     def from_config(cls, eval_cfg: Any) -> ProbeSettings:
+        """From `eval.probe` and `eval.seed`; weight decay and the depth bins keep the defaults above (the
+        config has no keys for them)."""
         p = eval_cfg.probe
-        return cls(epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, seed=eval_cfg.seed, depth_head=p.depth_head,
-                   weight_decay=getattr(p, "weight_decay", 1e-4), depth_bins=getattr(p, "depth_bins", 256),
-                   depth_bins_space=getattr(p, "depth_bins_space", "linear"))
+        return cls(epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, seed=eval_cfg.seed, depth_head=p.depth_head)
 
 
 @dataclass

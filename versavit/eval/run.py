@@ -44,7 +44,7 @@ from versavit.eval.features import backbone_digest, cached_features
 from versavit.eval.probe import ProbeSettings, train_depth_probe, train_seg_probe
 from versavit.eval.refseg import RefSegSkipped, evaluate_refseg
 from versavit.eval.zeroshot import evaluate_zeroshot_depth
-from versavit.layout import eval_cache_dir, reports_dir
+from versavit.layout import eval_cache_dir, metrics_log, metrics_log_of_export, reports_dir
 from versavit.models.backbone import VisionBackbone
 from versavit.tracking import stage_run
 
@@ -169,7 +169,7 @@ def _heads_eval(cand: Candidate, bench: Benchmark, cfg: RunConfig, metrics: dict
     if not todo or cand.export is None:
         return
     model = VersaViT.from_export(str(cand.export), cfg.model, heads=todo, dtype=torch.float32)
-    res = cfg.train.multitask.resolution
+    res = cfg.train.resolution
     out = metrics.setdefault(bench.name, {})
     ex = extras.setdefault(bench.name, {})
     if "depth" in todo:
@@ -311,7 +311,7 @@ def _protocol_notes(cfg: RunConfig, s: ProbeSettings) -> list[str]:
         f"(cosine), batch {s.batch_size}, seed {s.seed}; segmentation at {p.seg_resolution} px, depth at "
         f"{p.depth_resolution} px ({head} head); images and labels resized to R x R, metrics at R x R.",
         f"Zero-shot depth / referring segmentation at the multi-task resolutions "
-        f"({cfg.train.multitask.resolution.depth} / {cfg.train.multitask.resolution.refseg} px), scored at label size.",
+        f"({cfg.train.resolution.depth} / {cfg.train.resolution.refseg} px), scored at label size.",
     ]
 
 
@@ -350,15 +350,13 @@ def _figures(out: Path, benches: list[Benchmark], extras: dict, cfg: RunConfig,
         if curves:
             files.append(report.curves_figure(out / f"probe_loss_{bench.name}.png", curves,
                                               f"{bench.name}: linear-probe training loss (same seed and schedule)"))
-    # training runs write <workdir>/reports/<stage dir>/metrics.jsonl; an export at <wd>/stages/<dir>/export
-    # (multitask, multitask-<variant> of the ablation) names its own run's file
-    reports = reports_dir(cfg, "eval").parent
-    logs = {"warm-up": reports / "warmup" / "metrics.jsonl"}
+    # an export of this workdir (multitask, multitask-<variant> of the ablation) names its own run's log
+    logs = {"warm-up": metrics_log(cfg, "warmup")}
     for cand in candidates:
-        if cand.export is not None and cand.export.name == "export" and cand.export.parent.parent.name == "stages":
-            logs[cand.name] = cand.export.parents[2] / "reports" / cand.export.parent.name / "metrics.jsonl"
+        if cand.export is not None and (log_path := metrics_log_of_export(cand.export)) is not None:
+            logs[cand.name] = log_path
     if len(logs) == 1:
-        logs["multi-task"] = reports / "multitask" / "metrics.jsonl"
+        logs["multi-task"] = metrics_log(cfg, "multitask")
     training = report.training_curves(logs, out / "training_losses.png")
     if training:
         files.append(training)

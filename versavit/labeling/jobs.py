@@ -119,7 +119,8 @@ def object_text(obj: dict) -> tuple[str, bool]:
 
 
 class Labeler:
-    """Adds one kind of label to batches of items; loads its teacher on first use only."""
+    """Adds one kind of label to batches of items; loads its teacher on first use only, on `labeling.device`
+    in the teachers' "auto" precision (bf16 on GPUs that support it, else fp32: versavit.labeling.runtime)."""
 
     kind = ""
 
@@ -127,10 +128,6 @@ class Labeler:
         self.cfg = cfg
         self._teacher = teacher
         self.load_seconds = 0.0  # kept out of images/s: loading is a one-off, not throughput
-
-    @property
-    def precision(self) -> str:
-        return getattr(self.cfg, "precision", "auto")  # not in the schema yet: "auto" = bf16 on GPU
 
     @property
     def teacher(self) -> Any:
@@ -159,8 +156,7 @@ class DepthLabeler(Labeler):
         from versavit.labeling.depth import DepthTeacher
 
         t = self.cfg.teachers
-        return DepthTeacher(t.depth, t.depth_input_size, device=self.cfg.device, dtype=self.precision,
-                            batch_size=self.cfg.batch_size)
+        return DepthTeacher(t.depth, t.depth_input_size, device=self.cfg.device, batch_size=self.cfg.batch_size)
 
     @property
     def signature(self) -> dict[str, Any]:
@@ -189,8 +185,7 @@ class MaskLabeler(Labeler):
     def load(self) -> Any:
         from versavit.labeling.masks import MaskTeacher
 
-        return MaskTeacher(self.cfg.teachers.masks, device=self.cfg.device, dtype=self.precision,
-                           batch_size=self.cfg.batch_size)
+        return MaskTeacher(self.cfg.teachers.masks, device=self.cfg.device, batch_size=self.cfg.batch_size)
 
     @property
     def signature(self) -> dict[str, Any]:
@@ -247,8 +242,7 @@ class DescribeLabeler(Labeler):
     kind = "describe"
 
     def load(self) -> Any:
-        return load_describer(self.cfg.teachers.describer, device=self.cfg.device, dtype=self.precision,
-                              batch_size=self.cfg.batch_size)
+        return load_describer(self.cfg.teachers.describer, device=self.cfg.device, batch_size=self.cfg.batch_size)
 
     @property
     def signature(self) -> dict[str, Any]:
@@ -295,7 +289,7 @@ class EmbedLabeler(Labeler):
     def load(self) -> Any:
         from versavit.labeling.embed import TextEmbedder
 
-        return TextEmbedder(self.cfg.teachers.embedder, device=self.cfg.device, dtype=self.precision)
+        return TextEmbedder(self.cfg.teachers.embedder, device=self.cfg.device)
 
     @property
     def signature(self) -> dict[str, Any]:

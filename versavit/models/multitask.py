@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from versavit.config import trainable
-from versavit.config.schema import TASKS, WARMUP_TRAINABLE, LossWeights, ModelConfig, SynergyConfig
+from versavit.config.schema import TASKS, WARMUP_TRAINABLE, LossConfig, ModelConfig, SynergyConfig
 from versavit.losses import DepthLoss, SegmentationLoss
 from versavit.models.backbone import VisionBackbone
 from versavit.models.heads.caption import CaptionHead
@@ -28,21 +28,21 @@ HEADS_GROUP_PREFIXES = ("heads.depth.", "heads.refseg.", "synergy.")  # trained 
 
 class VersaViT(nn.Module):
     def __init__(self, backbone: VisionBackbone, heads: dict[str, nn.Module], depth_layers: list[int],
-                 weights: LossWeights | None = None, depth_target: str = "depth",
+                 loss: LossConfig | None = None, depth_target: str = "depth",
                  synergy: SynergyModule | None = None, synergy_weight: float = 0.0):
         super().__init__()
         self.depth_target = depth_target  # the space the depth head is trained in: depth or disparity
-        weights = weights or LossWeights()
+        loss = loss or LossConfig()
         self.backbone = backbone
         self.heads = nn.ModuleDict(heads)
         self.depth_layers = list(depth_layers)
-        self.depth_loss = DepthLoss(weights.depth_ssi, weights.depth_gm, weights.gm_scales)
-        self.seg_loss = SegmentationLoss(weights.seg_bce, weights.seg_dice)
+        self.depth_loss = DepthLoss(loss.depth_ssi, loss.depth_gm, loss.gm_scales)
+        self.seg_loss = SegmentationLoss(loss.seg_bce, loss.seg_dice)
         self.synergy = synergy  # optional cross-task regulariser (training only, never exported)
         self.synergy_weight = synergy_weight
 
     @classmethod
-    def build(cls, cfg: ModelConfig, tasks: list[str] | tuple[str, ...] = TASKS, weights: LossWeights | None = None,
+    def build(cls, cfg: ModelConfig, tasks: list[str] | tuple[str, ...] = TASKS, loss: LossConfig | None = None,
               dtype: torch.dtype = torch.float32, synergy: SynergyConfig | None = None) -> VersaViT:
         """Backbone (random or pretrained) plus the heads of `tasks`, sizes from the config; the synergy
         module when `synergy.enabled` (built last, so the other tensors' init does not depend on it)."""
@@ -63,7 +63,7 @@ class VersaViT(nn.Module):
         module = None
         if synergy is not None and synergy.enabled:
             module = SynergyModule(dim, [t for t in TASKS if t in tasks], synergy).to(dtype)
-        return cls(backbone, heads, layers, weights, depth_target=cfg.heads.depth.target, synergy=module,
+        return cls(backbone, heads, layers, loss, depth_target=cfg.heads.depth.target, synergy=module,
                    synergy_weight=synergy.weight if module is not None else 0.0)
 
     # ---------------------------------------------------------------- parameter sets
