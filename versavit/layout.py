@@ -9,7 +9,9 @@ beyond creating local report folders).
         checkpoints/  export/  stage.json                                           stage_manifest_url, export_url
       reports/<name>/                     figures, tables, logs, metrics.jsonl      reports_dir, metrics_log
       cache/eval/                         cached features, downloaded exports       eval_cache_dir
+      staging/<host>/.staging-<pid>-...   a process's scratch (checkpoint saves)    staging_root
       mlflow.db, mlflow-pending/          the local MLflow store, unsent records    local_root
+        mlflow-pending/replayed/          records sent later (tracking replay)      tracking_pending_dir
       kfp-local/                          KFP's local pipeline root
 
 A workdir may be an `s3://` URL; what must be a local folder (reports, caches, the default MLflow
@@ -91,6 +93,12 @@ def eval_cache_dir(cfg: RunConfig) -> Path:
     if os.environ.get(EVAL_CACHE_ENV):
         return Path(os.environ[EVAL_CACHE_ENV])
     return local_root(cfg) / "cache" / "eval"
+
+
+def staging_root(cfg: RunConfig) -> Path:
+    """Local scratch of checkpoint saves/loads and exports: `<local root>/staging` (`storage.local_staging`
+    makes one folder per use in `<host>/`, named after its process, and removes those of dead processes)."""
+    return local_root(cfg) / "staging"
 
 
 def tracking_pending_dir(cfg: RunConfig) -> Path:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -171,7 +173,8 @@ def atomic_local_file(url: str, suffix: str = "") -> Iterator[str]:
     """Yield a local path to write; on success it becomes `url` in one step, on error nothing does.
 
     Local: the temp file sits in the destination folder so `os.replace` is an atomic rename.
-    S3: an object only exists once its upload completes, so uploading the finished file is atomic.
+    S3: an object only exists once its upload completes, so uploading the finished file is atomic; the
+    file is written in a `local_staging` folder (one left by a killed upload goes with the next upload).
     """
     if not is_remote(url):
         dest = Path(url.removeprefix("file://"))
@@ -183,17 +186,81 @@ def atomic_local_file(url: str, suffix: str = "") -> Iterator[str]:
         finally:
             tmp.unlink(missing_ok=True)
         return
-    fd, tmp_name = tempfile.mkstemp(suffix=suffix, prefix="versavit-upload-")
-    os.close(fd)
-    try:
+    with local_staging("upload") as folder:  # a killed upload's file goes with the next one
+        name = Path(urlparse(url).path).name or "object"
+        tmp_name = str(folder / (name if name.endswith(suffix) else name + suffix))
         yield tmp_name
         fs, path = get_fs(url)
         try:
             fs.put_file(tmp_name, path)
         except Exception as exc:
             raise describe_error(url, exc) from exc
+
+
+STAGING_PREFIX = ".staging-"
+
+
+def _default_staging_root() -> Path:
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return Path(tempfile.gettempdir()) / f"versavit-staging-{user}"
+
+
+def _process_start(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22); "" where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _owner_runs(pid: int, start: str) -> bool:
+    """Whether the process that made a staging folder still runs (not merely a later one with its pid)."""
+    if pid != os.getpid():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # it exists (another user's)
+    now = _process_start(pid)
+    return start == "0" or not now or now == start
+
+
+def _staging_dir(root: str | Path | None) -> Path:
+    """This host's folder of staging folders under `root` (pids are only meaningful on one host)."""
+    return (Path(root) if root is not None else _default_staging_root()) / socket.gethostname()
+
+
+def remove_stale_staging(root: str | Path | None = None) -> list[Path]:
+    """Remove this host's staging folders under `root` whose process no longer runs; returns them."""
+    removed = []
+    folder = _staging_dir(root)
+    for path in sorted(folder.glob(f"{STAGING_PREFIX}*")) if folder.is_dir() else []:
+        pid, start, _ = (path.name[len(STAGING_PREFIX):].split("-", 2) + ["", ""])[:3]
+        if pid.isdigit() and start.isdigit() and not _owner_runs(int(pid), start):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def local_staging(purpose: str, root: str | Path | None = None) -> Iterator[Path]:
+    """A fresh local scratch folder, removed when the block ends (normally, by an exception, SystemExit).
+
+    It lives in `<root>/<host>/` (default root: `<temp dir>/versavit-staging-<uid>`; a run passes
+    `layout.staging_root`), named after this process: `.staging-<pid>-<start time>-<purpose>-<random>`.
+    A folder whose process was killed (SIGKILL mid-save) is removed by the next call under the same root.
+    """
+    folder = _staging_dir(root)
+    remove_stale_staging(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix = f"{STAGING_PREFIX}{os.getpid()}-{_process_start(os.getpid()) or 0}-{purpose}-"
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
+    try:
+        yield path
     finally:
-        Path(tmp_name).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def write_bytes(url: str, data: bytes) -> None:

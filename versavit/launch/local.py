@@ -3,6 +3,11 @@
 Each rank's output goes to its own log file (and rank 0's to the console). If a rank dies, the
 launcher raises one `LaunchError` naming the rank, how it ended, and the last lines of its log;
 torchrun stops the other ranks, so nothing hangs.
+
+No orphaned ranks: torchrun gets SIGTERM from the kernel when the launcher dies, even by SIGKILL
+(`lifeline.die_with_parent_preexec`), and each rank ends with torchrun (`lifeline.follow_parent`).
+SIGTERM or SIGHUP to the launcher (and Ctrl-C) is passed on to torchrun as SIGTERM, which the
+launcher then waits for (`STOP_GRACE_S`, then SIGKILL) before it exits (128 + the signal number).
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +33,9 @@ from versavit.config import RunConfig, config_to_dict
 from versavit.launch.base import Launcher, LaunchResult
 from versavit.launch.errors import LaunchError
 from versavit.layout import reports_dir, run_name, stage_manifest_url
+from versavit.train import lifeline
+
+STOP_GRACE_S = 8.0  # how long a stopped launcher waits for torchrun to stop its ranks
 
 
 def _free_port() -> int:
@@ -85,18 +96,58 @@ def launch_local(cfg: RunConfig, stage: str, env: dict[str, str] | None = None,
            "--log-dir", str(log_dir), "--redirects", "3", "--tee", "0:3" if stream_output else "0",
            "-m", "versavit.train.entry", "--stage", stage, "--config", str(config_path), "--variant", variant]
     run_env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": os.environ.get(
-        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))), "PYTHONUNBUFFERED": "1",
+        lifeline.LAUNCHER_PID_ENV: str(os.getpid())}
     captured: list[str] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        captured.append(line)
-        if stream_output and not _is_noise(line):
-            sys.stderr.write(line)
-    code = proc.wait()
+    with _signals_exit():  # before the Popen: a SIGTERM from now on still stops torchrun
+        proc = subprocess.Popen(cmd, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=lifeline.die_with_parent_preexec())
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                captured.append(line)
+                if stream_output and not _is_noise(line):
+                    sys.stderr.write(line)
+            code = proc.wait()
+        finally:
+            _stop(proc)
     if code != 0:
         raise LaunchError(failure_report(name, log_dir, "".join(captured[-400:])))
     return json.loads(storage.read_text(stage_manifest_url(cfg, stage, variant)))
+
+
+@contextmanager
+def _signals_exit() -> Iterator[None]:
+    """SIGTERM / SIGHUP raise SystemExit(128 + signum) here (main thread only), so `_stop` runs; once:
+    a repeated signal does not cut `_stop` short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not raised:
+            raised.append(signum)
+            raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a still running torchrun: SIGTERM (it stops its ranks), SIGKILL after `STOP_GRACE_S`."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.communicate(timeout=STOP_GRACE_S)  # drained meanwhile: a full pipe would block its shutdown
+    except subprocess.TimeoutExpired:
+        proc.kill()  # its ranks get SIGTERM from the kernel (PDEATHSIG) and stop themselves
+        proc.wait()
 
 
 _NOISE = ("Warning", "warnings.warn", "[W", "*****", "Setting OMP_NUM_THREADS", "real_accelerator",

@@ -1,9 +1,11 @@
 """Checkpoints at any URL, committed atomically, and the state that makes resume exact.
 
 Every rank saves its DeepSpeed checkpoint files (model states on rank 0, each rank's ZeRO
-optimizer shard) plus its RNG states into a rank-local staging folder and uploads them to
-`<url>/<tag>/`. After a barrier, rank 0 writes `<url>/latest.json` last: a checkpoint exists only
-once that pointer names it, so a crash mid-save leaves the previous checkpoint as the latest.
+optimizer shard) plus its RNG states into a rank-local staging folder (`storage.local_staging` under
+`staging_root`: removed when the save ends, even by SIGTERM; one left by a SIGKILL goes with the next
+save) and uploads them to `<url>/<tag>/`. After a barrier, rank 0 writes `<url>/latest.json` last: a
+checkpoint exists only once that pointer names it, so a crash mid-save leaves the previous checkpoint as
+the latest.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +51,12 @@ def latest(url: str) -> dict[str, Any] | None:
     return json.loads(storage.read_text(pointer))
 
 
-def save(engine: Any, url: str, step: int, client_state: dict[str, Any], rank: int) -> str:
-    """Save and commit checkpoint `step-<step>` under `url` (collective: every rank calls it)."""
+def save(engine: Any, url: str, step: int, client_state: dict[str, Any], rank: int,
+         staging_root: str | Path | None = None) -> str:
+    """Save and commit checkpoint `step-<step>` under `url` (collective: every rank calls it); the files are
+    staged under `staging_root` (default: the temp dir)."""
     tag = f"step-{step:08d}"
-    staging = Path(tempfile.mkdtemp(prefix=f"versavit-ckpt-r{rank}-"))
-    try:
+    with storage.local_staging(f"ckpt-r{rank}", staging_root) as staging:
         engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
         torch.save(rng_state(), staging / tag / f"rng_rank{rank}.pt")
         for path in sorted((staging / tag).rglob("*")):
@@ -65,19 +67,16 @@ def save(engine: Any, url: str, step: int, client_state: dict[str, Any], rank: i
         if rank == 0:
             storage.write_text(storage.join(url, LATEST), json.dumps({"tag": tag, "step": step}))
         _barrier()
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return tag
 
 
-def load(engine: Any, url: str, rank: int) -> dict[str, Any] | None:
+def load(engine: Any, url: str, rank: int, staging_root: str | Path | None = None) -> dict[str, Any] | None:
     """Load the latest committed checkpoint into `engine`; returns its client state (or None)."""
     record = latest(url)
     if record is None:
         return None
     tag = record["tag"]
-    staging = Path(tempfile.mkdtemp(prefix=f"versavit-load-r{rank}-"))
-    try:
+    with storage.local_staging(f"load-r{rank}", staging_root) as staging:
         fs, root = storage.get_fs(storage.join(url, tag))
         for remote in fs.find(root):
             rel = remote[len(root):].lstrip("/")
@@ -88,8 +87,6 @@ def load(engine: Any, url: str, rank: int) -> dict[str, Any] | None:
         rng_file = staging / tag / f"rng_rank{rank}.pt"
         if rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=False))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     if client_state is None:
         raise RuntimeError(f"checkpoint {url}/{tag} could not be loaded by DeepSpeed")
     return client_state

@@ -16,11 +16,13 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from versavit import storage
 from versavit.config import load_config
+from versavit.train import lifeline
 from versavit.train.loop import run_stage
 
 
 @record  # a failing rank leaves its traceback in torchrun's error file, so the launcher can show it
 def main() -> None:
+    lifeline.follow_parent()  # no orphaned ranks: end with torchrun; SIGTERM runs the finally blocks
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stage", required=True, help="a stage name of the config's recipe")
     ap.add_argument("--config", required=True, help="resolved run config (YAML)")
@@ -35,7 +37,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     cfg = load_config(storage.localize_config(args.config), args.overrides)  # a pod gets an s3:// URL
-    run_stage(cfg, args.stage, args.variant)
+    with lifeline.quick_exit_when_signalled():
+        run_stage(cfg, args.stage, args.variant)
 
 
 if __name__ == "__main__":

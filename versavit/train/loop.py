@@ -31,7 +31,7 @@ from versavit import storage
 from versavit.config import RunConfig, config_hash, config_to_dict
 from versavit.data.shards import read_manifest
 from versavit.data.tasks import task_batches, task_urls
-from versavit.layout import export_url, reports_dir, run_name, stage_url
+from versavit.layout import export_url, metrics_log, run_name, stage_url, staging_root
 from versavit.models.multitask import VersaViT
 from versavit.tracking import stage_run
 from versavit.train import checkpoint
@@ -83,8 +83,7 @@ def plan_stage(cfg: RunConfig, stage: str, world: int = 1, variant: str = "") ->
     # one micro-step per task, or (single task) micro-batches accumulated up to the global batch
     accum = 1 if rs.global_batch is None else max(1, rs.global_batch // (batch[tasks[0]] * world))
     micro = tasks * accum
-    lw = rs.loss_weights
-    weights = {t: (lw[t] if lw is not None else getattr(cfg.train.multitask.loss_weights, t)) for t in tasks}
+    weights = {t: rs.loss_weights[t] for t in tasks}
     if rs.max_steps:
         steps = rs.max_steps
     else:  # one epoch of the largest task; smaller tasks are resampled to the same step count
@@ -94,7 +93,7 @@ def plan_stage(cfg: RunConfig, stage: str, world: int = 1, variant: str = "") ->
                              f"{[t for t, v in sizes.items() if v is None]}")
         per_step = {t: batch[t] * world * micro.count(t) for t in tasks}
         steps = max(1, math.ceil(rs.epochs * max(sizes[t] / per_step[t] for t in tasks)))
-    wd = cfg.train.multitask.optim.weight_decay if rs.weight_decay is None else rs.weight_decay
+    wd = cfg.train.optim.weight_decay if rs.weight_decay is None else rs.weight_decay
     return StagePlan(stage, tasks, micro, batch, steps, rs.checkpoint_interval, weights,
                      stage_url(cfg, stage, variant), {"backbone": rs.lr_backbone, "heads": rs.lr_heads}, variant,
                      list(rs.trainable), rs.caption_source, wd, rs.synergy.enabled)
@@ -177,19 +176,19 @@ class Trainer:
         rs = cfg.train.stage(stage)
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         torch.manual_seed(cfg.train.seed)  # same init on every rank (DeepSpeed also broadcasts rank 0's)
-        model = VersaViT.build(cfg.model, tasks=plan.tasks, weights=cfg.train.multitask.loss_weights, dtype=dtype,
-                               synergy=rs.synergy)
+        model = VersaViT.build(cfg.model, tasks=plan.tasks, loss=cfg.train.loss, dtype=dtype, synergy=rs.synergy)
         init_from = resolve_init(cfg, stage, variant)
         inherited = _init_weights_from(model, init_from) if init_from else []
         if init_from and rank == 0:
             log.info("initialised %d tensors from %s", len(inherited), init_from)
         groups = param_groups(model.set_trainable(plan.trainable), plan.lrs, plan.weight_decay)
-        optim_cfg = cfg.train.multitask.optim
+        optim_cfg = cfg.train.optim
         optimizer = build_optimizer(groups, optim_cfg)
         scheduler = build_scheduler(optimizer, plan.total_steps, optim_cfg)
         engine = initialize(model, optimizer, scheduler,
                             deepspeed_config(cfg.train, len(plan.micro_steps), optim_cfg.grad_clip))
-        client = (checkpoint.load(engine, plan.checkpoints, rank) if resume else None) or {}
+        storage.remove_stale_staging(staging_root(cfg))  # what a killed run left (its pid no longer runs)
+        client = (checkpoint.load(engine, plan.checkpoints, rank, staging_root(cfg)) if resume else None) or {}
         batches_done: dict[str, int] = dict(client.get("batches_done", {t: 0 for t in plan.tasks}))
         trainer = cls(cfg, plan, engine, optimizer, {}, batches_done, device, rank, world,
                       int(client.get("step", 0)), init_from, inherited)
@@ -259,7 +258,7 @@ class Trainer:
 
     def save(self, step: int) -> None:
         checkpoint.save(self.engine, self.plan.checkpoints, step, {"step": step, "batches_done": self.batches_done},
-                        self.rank)
+                        self.rank, staging_root(self.cfg))
 
 
 def run_stage(cfg: RunConfig, stage: str, variant: str = "") -> dict[str, Any]:
@@ -267,7 +266,7 @@ def run_stage(cfg: RunConfig, stage: str, variant: str = "") -> dict[str, Any]:
     tr = Trainer.setup(cfg, stage, variant)
     plan, rank, start = tr.plan, tr.rank, tr.start
     name = run_name(stage, variant)
-    metrics_path = _metrics_path(cfg, name)
+    metrics_path = metrics_log(cfg, name)
     if rank == 0 and start == 0:
         metrics_path.unlink(missing_ok=True)
     progress = _Progress(rank == 0, name, plan.total_steps, start)
@@ -316,10 +315,6 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
             isinstance(v[0], torch.Tensor) else v for k, v in batch.items()}
 
 
-def _metrics_path(cfg: RunConfig, stage: str) -> Path:
-    return reports_dir(cfg, stage) / "metrics.jsonl"
-
-
 def _finish(cfg: RunConfig, plan: StagePlan, engine: Any, rank: int, tracker: Any, run: Any,
             init_from: str | None, inherited: list[str] = ()) -> dict[str, Any]:
     """Export (rank 0): HF backbone + heads, the trained tensors, stage.json; register the backbone.
@@ -330,11 +325,9 @@ def _finish(cfg: RunConfig, plan: StagePlan, engine: Any, rank: int, tracker: An
     module: VersaViT = engine.module
     result: dict[str, Any] = {}
     if rank == 0:
-        import tempfile
-
         keep = set(inherited)
         trained = {k: v.detach().cpu() for k, v in module.named_parameters() if v.requires_grad or k in keep}
-        with tempfile.TemporaryDirectory() as tmp:
+        with storage.local_staging("export", staging_root(cfg)) as tmp:
             module.save_pretrained(tmp)
             torch.save(trained, Path(tmp) / TRAINED_STATE)
             fs, _ = storage.get_fs(plan.export)
