@@ -167,3 +167,30 @@ def test_ui_exit_status_is_mlflows(tmp_path: Path, free_tcp_port: int, monkeypat
     assert result.exit_code == 3, result.output
     assert calls and calls[0][-6:] == ["--backend-store-uri", uri, "--host", "127.0.0.1", "--port",
                                        str(free_tcp_port)]
+
+
+def test_tracking_replay_server_still_down_is_one_line_exit_1(tmp_path: Path, free_tcp_port: int,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from versavit.tracking import Tracker
+
+    for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):  # Tracker sets them: undo
+        monkeypatch.setenv(var, "placeholder")
+        monkeypatch.delenv(var)
+    pending = tmp_path / "pending"
+    tracker = Tracker(f"http://127.0.0.1:{free_tcp_port}", "cli-test", pending_dir=str(pending))
+    parent = tracker.start_pipeline_run("pipeline")
+    with tracker.stage("train", parent=parent) as run:
+        for step in range(40):
+            tracker.log_metrics(run, {"loss": float(step)}, step=step)
+    tracker.end_run(parent)
+    tracker.close()
+    (name,) = (p.name for p in pending.glob("pending-*.jsonl"))
+
+    # the server is still down: one line, exit 1, the file stays (a real process: stderr is what a user sees)
+    down = cli("tracking", "replay", str(pending), "--config", small_config(tmp_path))
+    assert down.returncode == 1
+    lines = down.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: MLflow at http://127.0.0.1:{free_tcp_port} unreachable: ")
+    assert lines[0].endswith(f"5 record(s) in 1 file(s) kept in {pending}: run `versavit tracking replay` again later")
+    assert (pending / name).is_file()
+    # the success case (exit 0, one line per file) is in tests/tracking/test_replay.py, in-process

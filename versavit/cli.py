@@ -30,10 +30,12 @@ config_app = typer.Typer(no_args_is_help=True, help="Check and print run configu
 data_app = typer.Typer(no_args_is_help=True, help="Build and inspect task shards.")
 pipeline_app = typer.Typer(no_args_is_help=True, help="Run the whole workflow.")
 train_app = typer.Typer(no_args_is_help=True, help="Training stages (launched with torchrun / on the cluster).")
+tracking_app = typer.Typer(no_args_is_help=True, help="MLflow tracking: send what was saved while the server was away.")
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(train_app, name="train")
+app.add_typer(tracking_app, name="tracking")
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
@@ -141,6 +143,39 @@ def ui(config: Path = ConfigOpt, port: int = typer.Option(5000, "--port", min=1,
     code = subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                             "--host", "127.0.0.1", "--port", str(port)], env=env)
     raise typer.Exit(code if code >= 0 else 128 - code)  # killed by signal N: 128 + N, as a shell says
+
+
+@tracking_app.command("replay")
+def tracking_replay(
+    directory: str | None = typer.Argument(None, metavar="DIR", show_default=False,
+                                           help="folder of pending-*.jsonl files (default: the run's mlflow-pending/)"),
+    config: Path = ConfigOpt,
+    uri: str | None = typer.Option(None, "--uri", help="send to this tracking URI instead of the one each file "
+                                   "recorded"),
+    overrides: list[str] = OverridesArg,
+) -> None:
+    """Send the tracking records saved while MLflow was away, each once; exit 1 if it still is (they stay)."""
+    from versavit.tracking.replay import pending_files, replay_dir
+
+    if directory is not None and "=" in directory and not Path(directory).exists():
+        overrides, directory = [directory, *(overrides or [])], None  # `replay key=value`: an override, not DIR
+    cfg = _load(config, overrides)
+    folder = Path(directory) if directory is not None else layout.tracking_pending_dir(cfg)
+    if directory is not None and not folder.is_dir():
+        _fail(f"no such folder: {folder}")
+    # the config's store (credentials included) when a file recorded the same one; never created here
+    fallback = cfg.tracking.uri or f"sqlite:///{layout.local_root(cfg).resolve() / 'mlflow.db'}"
+    if not pending_files(folder):
+        console.print(f"nothing to replay: no pending tracking records in {folder}", highlight=False, markup=False)
+        return
+    reports = replay_dir(folder, uri=uri, fallback_uri=fallback)
+    for report in reports:
+        if not report.error:
+            console.print(report.line(), highlight=False, markup=False)
+    if failed := [r for r in reports if r.error]:
+        sent = sum(r.sent_total for r in reports)
+        _fail(f"{failed[0].error}; {sum(r.left for r in failed)} record(s) in {len(failed)} file(s) kept in "
+              f"{folder}{f' ({sent} sent before)' if sent else ''}: run `versavit tracking replay` again later")
 
 
 def _train(stage: str, config: Path | None, overrides: list[str] | None) -> None:

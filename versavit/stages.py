@@ -13,7 +13,7 @@ from typing import Any
 
 from versavit import layout, storage
 from versavit.config import RunConfig, config_hash, config_to_dict
-from versavit.tracking import make_tracker, run_tags, set_run_context, stage_run
+from versavit.tracking import make_tracker, replay_pending, run_tags, set_run_context, stage_run
 
 
 def open_pipeline_run(cfg: RunConfig, kfp_run_id: str | None = None) -> str:
@@ -32,13 +32,16 @@ def open_pipeline_run(cfg: RunConfig, kfp_run_id: str | None = None) -> str:
 
 def close_pipeline_run(cfg: RunConfig, parent_run_id: str = "", kfp_run_id: str = "",
                        status: str = "FINISHED") -> None:
-    """End the parent run, named by id or found by its KFP run id tag (KFP exit handlers get only that)."""
-    tracker = make_tracker(cfg)
+    """End the parent run, named by id or found by its KFP run id tag (KFP exit handlers get only that);
+    then send what the stages saved in the pending folder while the tracking server was away."""
+    tracker = make_tracker(cfg, replay=False)  # replayed once, at the end, with this process's own records
     if not parent_run_id and kfp_run_id:
         parent_run_id = tracker.find_run_id({"versavit.kfp_run_id": kfp_run_id, "versavit.pipeline": "true"}) or ""
     if parent_run_id:
         tracker.end_run(tracker.attach_run(parent_run_id), status)
     tracker.close()
+    if tracker.enabled:
+        replay_pending(layout.tracking_pending_dir(cfg), tracker.tracking_uri)
 
 
 def stage_data(cfg: RunConfig, parent_run_id: str | None = None, kfp_run_id: str | None = None) -> str:

@@ -4,8 +4,11 @@
         tracker.log_metrics(run, {...}, step=0)
 
 opens a run nested under the pipeline's parent run (`$VERSAVIT_PARENT_RUN_ID`), tags it with the
-config hash, the git commit and the KFP run id (`$KFP_RUN_ID`), marks it FAILED if the body raises,
-FINISHED otherwise, and closes the tracker (flushing what is buffered, saving what could not be sent).
+config hash, the git commit, the KFP run id (`$KFP_RUN_ID`) and its host and pid, marks it FAILED if the
+body raises (with the error as tag `versavit.failure`), FINISHED otherwise, and closes the tracker
+(flushing what is buffered, saving what could not be sent). Before that, on rank 0, it sends the records
+earlier processes saved for the same tracking URI (`replay_pending`) and marks KILLED the runs of this
+stage that a killed earlier attempt on this host left RUNNING.
 """
 
 from __future__ import annotations
@@ -16,7 +19,17 @@ from collections.abc import Iterator, Mapping
 
 from versavit import layout, storage
 from versavit.config import RunConfig, config_hash
-from versavit.tracking.tracker import PARENT_RUN_ENV, RunHandle, Tracker, default_tracking_uri, lineage_tags
+from versavit.tracking.replay import replay_pending
+from versavit.tracking.tracker import (
+    PARENT_RUN_ENV,
+    PARENT_TAG,
+    STAGE_TAG,
+    RunHandle,
+    Tracker,
+    default_tracking_uri,
+    lineage_tags,
+    process_tags,
+)
 
 KFP_RUN_ENV = "KFP_RUN_ID"
 
@@ -26,10 +39,17 @@ def tracking_uri(cfg: RunConfig) -> str:
     return cfg.tracking.uri or default_tracking_uri(str(layout.local_root(cfg)))
 
 
-def make_tracker(cfg: RunConfig, rank: int = 0) -> Tracker:
-    """The run's tracker; only rank 0 talks to MLflow."""
-    return Tracker.for_rank(rank, tracking_uri=tracking_uri(cfg), experiment=cfg.tracking.experiment,
-                            enabled=cfg.tracking.enabled, pending_dir=str(layout.tracking_pending_dir(cfg)))
+def make_tracker(cfg: RunConfig, rank: int = 0, replay: bool = True) -> Tracker:
+    """The run's tracker; only rank 0 talks to MLflow. With `replay`, records saved in the run's pending
+    folder for the same tracking URI are sent first if the store answers (quietly; else they stay)."""
+    tracker = Tracker.for_rank(rank, tracking_uri=tracking_uri(cfg), experiment=cfg.tracking.experiment,
+                               enabled=cfg.tracking.enabled, pending_dir=str(layout.tracking_pending_dir(cfg)))
+    if tracker.enabled and replay:
+        reports = replay_pending(layout.tracking_pending_dir(cfg), tracker.tracking_uri)
+        if down := next((r.error for r in reports if r.error), None):
+            # the store did not answer: the tracker warns once and backs off, as after its own failed call
+            tracker._on_failure(ConnectionError(down))
+    return tracker
 
 
 def set_run_context(parent_run_id: str | None = None, kfp_run_id: str | None = None) -> None:
@@ -53,7 +73,11 @@ def stage_run(cfg: RunConfig, name: str, tags: Mapping[str, str] | None = None,
     storage.configure(cfg.storage)
     tracker = make_tracker(cfg, rank)
     try:
-        with tracker.stage(name, tracker.parent_from_env(), tags={**run_tags(cfg), **(tags or {})}) as run:
+        parent, all_tags = tracker.parent_from_env(), {**run_tags(cfg), **(tags or {})}
+        # an earlier attempt of this stage (same parent; without one, same config) killed on this host
+        scope = {PARENT_TAG: parent.run_id} if parent else {"versavit.config_hash": all_tags["versavit.config_hash"]}
+        tracker.end_orphaned_runs({STAGE_TAG: name, **scope})
+        with tracker.stage(name, parent, tags={**all_tags, **process_tags()}) as run:
             yield tracker, run
     finally:
         tracker.close()

@@ -2,7 +2,8 @@
 
 All MLflow traffic goes through ``Tracker._drain``: operations sit in an ordered queue and are
 sent when the store answers; a down or slow server costs one warning, a bounded retry rate and,
-on ``close()``, a JSONL file of whatever could not be sent.
+on ``close()``, a JSONL file of whatever could not be sent, which ``versavit tracking replay`` or the
+next stage that opens (``tracking.replay``) sends once the server answers again.
 
 Distributed training: only rank 0 should talk to MLflow. Build trackers with
 ``Tracker.for_rank(rank, ...)`` (equivalently ``enabled=(rank == 0)``); every other rank gets
@@ -18,6 +19,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +36,13 @@ logger = logging.getLogger(__name__)
 PARENT_RUN_ENV = "VERSAVIT_PARENT_RUN_ID"
 STAGE_TAG = "versavit.stage"
 PARENT_TAG = "mlflow.parentRunId"
+# Who runs a stage run (so a later attempt can tell a killed one from a live one), and why it failed.
+HOST_TAG = "versavit.host"
+PID_TAG = "versavit.pid"
+FAILURE_TAG = "versavit.failure"
+MAX_FAILURE_CHARS = 500
+# A pid whose process started this long after the run did belongs to another process (pid reuse).
+_PID_REUSE_SLACK_S = 5.0
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 # MLflow server/store limits (mlflow.utils.validation); repeated so the module does not depend
@@ -59,6 +68,49 @@ _OP_SUMMARY_KEY = {"create": "runs", "params": "params", "tags": "tags", "metric
 def _redact(text: str) -> str:
     """Strip ``user:password@`` from any URI in ``text``."""
     return re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
+
+
+def failure_message(exc: BaseException) -> str:
+    """``Type: message`` on one line, credentials in URIs redacted, at most 500 characters."""
+    message = " ".join(str(exc).split())
+    return _redact(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)[:MAX_FAILURE_CHARS]
+
+
+def process_tags() -> dict[str, str]:
+    """``versavit.host`` and ``versavit.pid`` of this process."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def _process_start_s(pid: int) -> tuple[str, float] | None:
+    """(state, start time in epoch seconds) of a Linux process, from /proc; None elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        btime = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+        fields = stat[stat.rindex(")") + 2:].split()  # the name in parentheses may hold spaces
+        return fields[0], btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def pid_alive(pid: int, since_ms: int | None = None) -> bool:
+    """Whether process ``pid`` of this host is alive (and, on Linux, the same one that existed at
+    ``since_ms``: a pid reused by a process started later counts as dead). Unsure means alive."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, under another user
+        pass
+    info = _process_start_s(pid)
+    if info is None:
+        return True
+    state, started = info
+    if state in ("Z", "X"):  # a zombie: it ended, its parent has not reaped it yet
+        return False
+    return since_ms is None or started <= since_ms / 1000 + _PID_REUSE_SLACK_S
 
 
 def _disable_telemetry() -> None:
@@ -240,14 +292,42 @@ class Tracker:
     @contextlib.contextmanager
     def stage(self, stage: str, parent: RunHandle | None = None,
               tags: Mapping[str, str] | None = None) -> Iterator[RunHandle]:
-        """``with tracker.stage("train", parent=p) as run:`` — FAILED if the body raises."""
+        """``with tracker.stage("train", parent=p) as run:`` — FAILED if the body raises, with the
+        exception's one-line message as tag ``versavit.failure``."""
         handle = self.start_stage_run(stage, parent, tags)
         try:
             yield handle
-        except BaseException:
+        except BaseException as e:
+            self.set_tags(handle, {FAILURE_TAG: failure_message(e)})
             self.end_run(handle, "FAILED")
             raise
         self.end_run(handle, "FINISHED")
+
+    def end_orphaned_runs(self, tags: Mapping[str, str]) -> list[str]:
+        """Mark KILLED the runs carrying all ``tags`` that are still RUNNING although the process
+        named by their ``versavit.host``/``versavit.pid`` tags is gone: same host and a dead pid
+        only (a run of another host, or without these tags, is left alone). Returns their ids."""
+        if not self.enabled or (self._failing and time.monotonic() < self._next_retry):
+            return []  # disabled, or the store just failed: backing off
+        query = " and ".join([*(f"tags.`{k}` = '{v}'" for k, v in tags.items()), "attributes.status = 'RUNNING'"])
+        host, killed = socket.gethostname(), []
+        try:
+            client = self._get_client()
+            for run in client.search_runs([self._get_experiment_id()], filter_string=query, max_results=1000):
+                run_tags, pid = run.data.tags, run.data.tags.get(PID_TAG, "")
+                if run_tags.get(HOST_TAG) != host or not pid.isdigit() or pid_alive(int(pid), run.info.start_time):
+                    continue
+                if FAILURE_TAG not in run_tags:
+                    client.set_tag(run.info.run_id, FAILURE_TAG,
+                                   f"killed: process {pid} on {host} ended without ending the run")
+                client.set_terminated(run.info.run_id, status="KILLED", end_time=int(time.time() * 1000))
+                killed.append(run.info.run_id)
+        except Exception as e:  # the tracking server being down must not fail the caller
+            self._on_failure(e)
+        if killed:
+            logger.info("MLflow: marked %d run(s) of a killed earlier attempt KILLED: %s", len(killed),
+                        ", ".join(killed))
+        return killed
 
     # -------------------------------------------------------------- logging
     def log_config(self, handle: RunHandle, config: Mapping[str, Any]) -> None:
@@ -508,21 +588,30 @@ class Tracker:
             client.set_terminated(h.run_id, status=op.data[0], end_time=op.data[1])
 
     def _write_pending(self) -> str:
-        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        """One JSON record per queued operation (``versavit tracking replay`` sends them). Written
+        under a temporary name and renamed, so a replay never reads half a file."""
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         path = Path(self.pending_dir) / f"pending-{stamp}.jsonl"
+        tmp = path.with_name(f".{path.name}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("w") as f:
+            with tmp.open("w") as f:
                 for op in self._queue:
-                    h = op.handle
+                    h, p = op.handle, op.handle.parent
                     f.write(json.dumps({
                         "op": op.kind, "run": h.local_id, "run_id": h.run_id, "name": h.name,
-                        "parent": (h.parent.run_id or h.parent.local_id) if h.parent else None,
+                        "parent": (p.run_id or p.local_id) if p else None,
+                        # the same, unambiguous: a created parent's id, or the local id of one created later
+                        "parent_run_id": p.run_id if p else None,
+                        "parent_local": p.local_id if p and p.run_id is None else None,
                         "tags": h.tags if op.kind == "create" else None,
                         "start_ms": h.start_ms, "data": op.data,
                         "tracking_uri": _redact(self.tracking_uri),
                         "experiment": self.experiment}) + "\n")
+            os.replace(tmp, path)
         except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             return f"could not be saved ({type(e).__name__}: {e})"
         return f"saved to {path}"
 
