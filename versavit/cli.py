@@ -93,28 +93,50 @@ def config_show(config: Path = ConfigOpt, overrides: list[str] = OverridesArg) -
 @data_app.command("synth")
 def data_synth(
     out: str = typer.Option(..., "--out", help="dataset URL: a folder or s3://bucket/prefix"),
-    num_samples: int = typer.Option(256, "--num-samples", "-n", min=1, help="training samples"),
-    num_val: int | None = typer.Option(None, "--num-val", min=1, help="val samples (default: n/8)"),
-    seed: int = typer.Option(0, "--seed"),
-    image_size: int = typer.Option(224, "--image-size", min=32),
-    samples_per_shard: int = typer.Option(128, "--samples-per-shard", min=1),
+    num_samples: int | None = typer.Option(None, "--num-samples", "-n", min=1,
+                                           help="training samples (default: data.synthetic.num_train)"),
+    num_val: int | None = typer.Option(None, "--num-val", min=1,
+                                       help="val samples (default: n/8 with -n, else data.synthetic.num_val)"),
+    seed: int | None = typer.Option(None, "--seed", help="default: data.synthetic.seed"),
+    image_size: int | None = typer.Option(None, "--image-size", min=32, help="default: data.synthetic.image_size"),
+    samples_per_shard: int | None = typer.Option(None, "--samples-per-shard", min=1,
+                                                 help="default: data.synthetic.samples_per_shard"),
     workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", min=0),
     config: Path | None = ConfigOpt,
+    overrides: list[str] = OverridesArg,
 ) -> None:
-    """Render the synthetic world into train/val webdataset shards at --out."""
+    """Render the synthetic world of the config (data.synthetic, after overrides; options win) into train/val
+    webdataset shards at --out."""
     from versavit.config.schema import SyntheticConfig
     from versavit.data.build import build_synthetic
 
-    cfg = _load(config, [])
-    syn = SyntheticConfig(**{**cfg.data.synthetic.model_dump(), "num_train": num_samples,
-                             "num_val": num_val or max(1, num_samples // 8), "seed": seed,
-                             "image_size": image_size, "samples_per_shard": samples_per_shard})
+    cfg = _load(config, overrides)
+    given = {"num_train": num_samples, "seed": seed, "image_size": image_size,
+             "samples_per_shard": samples_per_shard,
+             "num_val": num_val or (max(1, num_samples // 8) if num_samples else None)}
+    syn = SyntheticConfig(**{**cfg.data.synthetic.model_dump(), **{k: v for k, v in given.items() if v is not None}})
     storage.ensure_bucket(out)  # an unwritable --out fails here, before the progress bar draws anything
     with progress_bar() as bar:
         manifests = build_synthetic(out, syn, workers=workers, progress=per_name(bar, "render"))
     for split, m in manifests.items():
         console.print(f"{split}: {m.num_samples} samples in {len(m.shards)} shard(s) at {m.url} "
                       f"(digest {m.digest[:12]})")
+
+
+@data_app.command("check")
+def data_check(
+    url: str = typer.Argument(..., help="dataset URL (a folder or s3://bucket/prefix with manifest.json)"),
+    sample_fraction: float = typer.Option(1.0, "--sample-fraction", min=0.0, max=1.0,
+                                          help="fraction of shards to hash and read (all: 1.0)"),
+) -> None:
+    """Check a dataset against its manifest: missing shards, sha256 mismatches, lost samples per shard."""
+    from versavit.data.check import check_dataset
+
+    report = check_dataset(url, sample_fraction)
+    for line in report.lines():
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command("ui")

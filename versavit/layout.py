@@ -7,6 +7,8 @@ beyond creating local report folders).
       data/labelled-<kind>/{train,val}    intermediate outputs of chained teachers  label_step_url
       stages/<stage>[-<variant>]/         a training stage                          stage_url
         checkpoints/  export/  stage.json                                           stage_manifest_url, export_url
+        lease.json                        which run writes the stage now            lease_url
+        exports/<hash>-<step>/backbone    immutable copy of a registered version    version_export_url
       reports/<name>/                     figures, tables, logs, metrics.jsonl      reports_dir, metrics_log
       cache/eval/                         cached features, downloaded exports       eval_cache_dir
       staging/<host>/.staging-<pid>-...   a process's scratch (checkpoint saves)    staging_root
@@ -66,6 +68,17 @@ def stage_url(cfg: RunConfig, stage: str, variant: str = "") -> str:
 def stage_manifest_url(cfg: RunConfig, stage: str, variant: str = "") -> str:
     """The small manifest a finished stage leaves for the next one."""
     return storage.join(stage_url(cfg, stage, variant), "stage.json")
+
+
+def lease_url(cfg: RunConfig, stage: str, variant: str = "") -> str:
+    """The lease of a stage folder: which run writes it now (`versavit.train.lease`)."""
+    return storage.join(stage_url(cfg, stage, variant), "lease.json")
+
+
+def version_export_url(cfg: RunConfig, stage: str, variant: str, key: str) -> str:
+    """An immutable copy of a stage's backbone export, `<stage url>/exports/<key>/` (key: `<config hash>-<step>`):
+    what a registered model version points at (export/ is overwritten by the next run)."""
+    return storage.join(stage_url(cfg, stage, variant), "exports", key)
 
 
 def export_url(cfg: RunConfig, stage: str, variant: str = "") -> str:

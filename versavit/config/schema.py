@@ -22,6 +22,23 @@ BENCHMARK_NAMES: tuple[str, ...] = (
     "synthetic", "ade20k", "voc", "cityscapes", "nyu", "kitti", "refcoco", "refcoco+", "refcocog")
 
 
+def _check_url(value: str | None) -> str | None:
+    """An `s3://` URL must name a bucket (`s3://bucket/prefix`): `s3://`, `s3:///x` and `s3:/x` fail here, not
+    later inside the ranks."""
+    if value is None or not value.lower().startswith("s3:"):
+        return value
+    rest = value[3:]
+    if not rest.startswith("//"):
+        raise ValueError("an s3 URL is s3://bucket/prefix (two slashes after 's3:')")
+    if not rest[2:].split("/", 1)[0]:
+        raise ValueError("an s3 URL needs a bucket: s3://bucket/prefix")
+    return value
+
+
+Url = Annotated[str, AfterValidator(_check_url)]
+OptionalUrl = Annotated[str | None, AfterValidator(_check_url)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -74,8 +91,8 @@ class SyntheticConfig(Strict):
 class DataSource(Strict):
     """Shards of one task: a dataset URL (folder with manifest.json) or explicit shard URLs."""
 
-    urls: list[str] = Field(default_factory=list, description="dataset folders or .tar shard URLs")
-    val_urls: list[str] = Field(default_factory=list)
+    urls: list[Url] = Field(default_factory=list, description="dataset folders or .tar shard URLs")
+    val_urls: list[Url] = Field(default_factory=list)
 
 
 class DataConfig(Strict):
@@ -104,7 +121,7 @@ class DataConfig(Strict):
 
 class BackboneConfig(Strict):
     kind: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl"
-    pretrained: str | None = Field(None, description="path or hub id; None builds from the sizes below")
+    pretrained: OptionalUrl = Field(None, description="path or hub id; None builds from the sizes below")
     embed_dim: int = Field(1280, ge=8)
     depth: int = Field(32, ge=1)
     num_heads: int = Field(16, ge=1)
@@ -121,8 +138,8 @@ class BackboneConfig(Strict):
 
 
 class CaptionHeadConfig(Strict):
-    llm: str | None = Field("Qwen/Qwen3-1.7B", description="path or hub id of the causal LM; None = tiny")
-    tokenizer: str | None = None
+    llm: OptionalUrl = Field("Qwen/Qwen3-1.7B", description="path or hub id of the causal LM; None = tiny")
+    tokenizer: OptionalUrl = None
     projector_hidden: int = Field(4096, ge=1)
     max_text_tokens: int = Field(512, ge=8)
     tiny_llm_hidden: int = Field(64, ge=8, description="sizes used when llm is None")
@@ -247,7 +264,7 @@ GlobalBatch = Annotated[int | None, Field(
     "over all ranks; None = one micro-batch per task per step")]
 LossWeights = Annotated[dict[Task, Annotated[float, Field(ge=0)]], Field(
     description="lambda per task: how much each active task's loss counts (default: 1/3 each, VersaViT's)")]
-InitFrom = Annotated[str | None, Field(
+InitFrom = Annotated[str | None, AfterValidator(_check_url), Field(
     description="'auto' = the export of the previous stage of the recipe (same variant, else variant ''), a URL "
     "of a stage export, or null")]
 
@@ -334,6 +351,9 @@ class TrainConfig(Strict):
     seed: int = Field(0, description="seeds model initialisation and the data order and sampling of every stage "
                       "(eval.seed seeds the probes, data.synthetic.seed the synthetic world)")
     dist_timeout_s: int = Field(1800, ge=10, description="a collective waiting longer than this fails the run")
+    restart: bool = Field(False, description="start the stage over from step 0, deleting its checkpoints first; "
+                          "needed when a stage folder holds a checkpoint made under another config (a rerun "
+                          "refuses to resume it). Every launch with it set starts over: unset it afterwards")
     log_interval: int = Field(1, ge=1, description="optimiser steps between metric points")
     optim: OptimConfig = OptimConfig()
     resolution: ResolutionConfig = Field(ResolutionConfig(), description="input sizes of every stage")
@@ -379,11 +399,11 @@ class TrainConfig(Strict):
 
 
 class TeachersConfig(Strict):
-    depth: str = "depth-anything/Depth-Anything-V2-Large-hf"
+    depth: Url = "depth-anything/Depth-Anything-V2-Large-hf"
     depth_input_size: int = Field(518, ge=14)
-    masks: str = "facebook/sam-vit-huge"
-    describer: str | None = Field(None, description="image-text-to-text model; None = class label text")
-    embedder: str = "Qwen/Qwen3-Embedding-8B"
+    masks: Url = "facebook/sam-vit-huge"
+    describer: OptionalUrl = Field(None, description="image-text-to-text model; None = class label text")
+    embedder: Url = "Qwen/Qwen3-Embedding-8B"
 
 
 class LabelingConfig(Strict):
@@ -415,6 +435,7 @@ def _check_benchmark(spec: str) -> str:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown benchmark {name!r}{hint}; valid names: {', '.join(BENCHMARK_NAMES)}, each "
                          "optionally as name=/path/to/root")
+    _check_url(spec.partition("=")[2].strip() or None)
     return spec
 
 
@@ -422,7 +443,7 @@ class EvalConfig(Strict):
     benchmarks: list[Annotated[str, AfterValidator(_check_benchmark)]] = Field(
         default_factory=lambda: ["synthetic"], description=f"{', '.join(BENCHMARK_NAMES)}; each `name` or "
         "`name=root` (a local folder, or for synthetic a shard dataset URL prefix)")
-    baseline_backbone: str | None = Field(None, description="path/hub id of the baseline; None = the "
+    baseline_backbone: OptionalUrl = Field(None, description="path/hub id of the baseline; None = the "
                                           "stage's starting backbone")
     probe: ProbeConfig = ProbeConfig()
     seed: int = Field(0, description="seeds the linear probes (head initialisation, batch order)")
@@ -460,7 +481,7 @@ class LaunchConfig(Strict):
 
 class RunConfig(Strict):
     name: str = "versavit"
-    workdir: str = Field("runs/versavit", description="root URL of everything a run writes (path or s3://)")
+    workdir: Url = Field("runs/versavit", description="root URL of everything a run writes (path or s3://)")
     storage: StorageConfig = StorageConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()

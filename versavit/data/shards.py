@@ -2,14 +2,21 @@
 
 A dataset is a folder (local or s3://) of `shard-NNNNNN.tar` files plus `manifest.json`, which
 lists every shard with its sample count and sha256. Each shard is committed atomically and the
-manifest last, so a reader that goes by the manifest never sees a half-written dataset.
+manifest last, so a reader that goes by the manifest never sees a half-written dataset. A writer
+holds `.writer.lock` in the folder (created exclusively; holder host/pid/start, expiry) while it
+writes, so a second writer of the same dataset fails at once instead of mixing its shards in.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import socket
+import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +24,8 @@ from typing import Any
 import webdataset as wds
 
 from versavit import storage
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "versavit-shards/1"
@@ -79,6 +88,25 @@ def read_manifest(dataset_url: str) -> Manifest:
     return Manifest(shards=shards, url=dataset_url.rstrip("/"), **data)
 
 
+def shard_infos(shard_urls: list[str]) -> list[ShardInfo | None]:
+    """Each shard URL's manifest entry (None where its folder has no manifest or does not list it)."""
+    manifests: dict[str, dict[str, ShardInfo]] = {}
+    out: list[ShardInfo | None] = []
+    for url in shard_urls:
+        folder, _, name = url.rstrip("/").rpartition("/")
+        if folder not in manifests:
+            try:
+                manifests[folder] = {s.name: s for s in read_manifest(folder).shards}
+            except storage.StorageError as exc:
+                if exc.fatal:
+                    raise
+                manifests[folder] = {}
+            except ValueError:
+                manifests[folder] = {}
+        out.append(manifests[folder].get(name))
+    return out
+
+
 def resolve_shards(urls: list[str]) -> list[str]:
     """Dataset folders (with manifest.json), shard URLs and brace patterns -> shard URLs."""
     out: list[str] = []
@@ -90,6 +118,106 @@ def resolve_shards(urls: list[str]) -> list[str]:
     if not out:
         raise ValueError(f"no shards found in {urls}")
     return out
+
+
+LOCK = ".writer.lock"
+LOCK_TTL_S = 12 * 3600
+
+
+class DatasetLockedError(storage.StorageError):
+    """Another writer is writing the same dataset URL."""
+
+
+def _lock_holder() -> dict[str, Any]:
+    now = time.time()
+    return {"host": socket.gethostname(), "pid": os.getpid(), "thread": threading.get_ident(),
+            "process_start": storage._process_start(os.getpid()), "started": now, "expires": now + LOCK_TTL_S,
+            "token": uuid.uuid4().hex}
+
+
+def _lock_is_stale(holder: dict[str, Any]) -> bool:
+    if time.time() > float(holder.get("expires", 0)):
+        return True
+    if holder.get("host") == socket.gethostname():
+        return not storage._owner_runs(int(holder.get("pid", 0)), str(holder.get("process_start") or "0"))
+    return False
+
+
+def _create_exclusive(url: str, data: bytes) -> bool:
+    """Create `url` only if it does not exist (atomically); False if it does."""
+    if not storage.is_remote(url):
+        path = Path(url.removeprefix("file://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    fs, path = storage.get_fs(url)
+    try:  # S3: a conditional put (If-None-Match: *) where the store supports it (AWS S3, recent MinIO)
+        with fs.open(path, "xb") as f:
+            f.write(data)
+        return True
+    except FileExistsError:
+        return False
+    except (ValueError, NotImplementedError, TypeError):  # no exclusive create: check, then write (racy)
+        if storage.exists(url):
+            return False
+        storage.write_bytes(url, data)
+        return True
+    except Exception as exc:
+        if "PreconditionFailed" in repr(exc) or "412" in str(exc):
+            return False
+        raise storage.describe_error(url, exc) from exc
+
+
+def acquire_writer_lock(dataset_url: str) -> dict[str, Any]:
+    """Take `<dataset>/.writer.lock` (holder's host, pid, start time, expiry) or fail at once naming the holder.
+
+    Local: O_CREAT | O_EXCL; S3: a conditional put. A lock whose holder is gone (same host, process no
+    longer running) or whose expiry has passed is broken once and taken.
+    """
+    url = storage.join(dataset_url, LOCK)
+    holder = _lock_holder()
+    data = json.dumps(holder).encode()
+    for _ in range(2):
+        if _create_exclusive(url, data):
+            return holder
+        try:
+            current = json.loads(storage.read_text(url))
+        except (storage.StorageError, json.JSONDecodeError):
+            current = {}
+        if current and not _lock_is_stale(current):
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(current.get("started", 0))))
+            raise DatasetLockedError(
+                f"{dataset_url} is being written by another writer (host {current.get('host')}, pid "
+                f"{current.get('pid')}, started {started}, lock expires in "
+                f"{max(0, float(current.get('expires', 0)) - time.time()) / 60:.0f} min; {url}); wait for it "
+                "or write to another --out", kind="locked")
+        if not current:  # a lock being written right now, or unreadable: treat as held
+            time.sleep(0.05)
+            try:
+                current = json.loads(storage.read_text(url))
+                continue
+            except (storage.StorageError, json.JSONDecodeError):
+                pass
+        log.warning("breaking the stale writer lock %s (holder %s)", url, current)
+        release_writer_lock(dataset_url, None)
+    raise DatasetLockedError(f"could not take the writer lock {url}", kind="locked")
+
+
+def release_writer_lock(dataset_url: str, holder: dict[str, Any] | None) -> None:
+    """Remove the lock (only our own when `holder` is given)."""
+    url = storage.join(dataset_url, LOCK)
+    try:
+        if holder is not None and json.loads(storage.read_text(url)).get("token") != holder["token"]:
+            return
+        fs, path = storage.get_fs(url)
+        fs.rm_file(path)
+    except (storage.StorageError, json.JSONDecodeError, FileNotFoundError, OSError):
+        pass
 
 
 class ShardWriter:
@@ -116,6 +244,15 @@ class ShardWriter:
         self._local = ""
         self._count = 0
         self.manifest: Manifest | None = None
+        # A dataset writer (one that writes the manifest) holds the dataset's writer lock: a second one
+        # fails at once instead of mixing its shards with ours. An old manifest goes first, so readers
+        # see "no dataset" rather than old manifest + new shards while the rewrite runs.
+        self._lock = acquire_writer_lock(self.url) if write_manifest else None
+        if self._lock is not None:
+            release_manifest = storage.join(self.url, MANIFEST)
+            if storage.exists(release_manifest):
+                fs, path = storage.get_fs(release_manifest)
+                fs.rm_file(path)
 
     def _open(self) -> None:
         name = f"shard-{self._index:06d}.tar"
@@ -160,16 +297,27 @@ class ShardWriter:
         manifest = Manifest(name=self.name, num_samples=sum(s.num_samples for s in self.shards),
                             shards=self.shards, fields=sorted(self.fields), meta=self.meta,
                             created=time.time(), url=self.url)
-        if self.write_manifest:
-            storage.write_text(storage.join(self.url, MANIFEST), manifest.to_json())
+        try:
+            if self.write_manifest:
+                storage.write_text(storage.join(self.url, MANIFEST), manifest.to_json())
+        finally:
+            self._release()
         self.manifest = manifest
         return manifest
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            release_writer_lock(self.url, self._lock)
+            self._lock = None
 
     def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if exc is not None:
-            self._close_shard(error=exc)  # finished shards stay; no manifest for a failed write
+            try:
+                self._close_shard(error=exc)  # finished shards stay; no manifest for a failed write
+            finally:
+                self._release()
             return
         self.close()

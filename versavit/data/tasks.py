@@ -209,11 +209,31 @@ def task_batches(cfg: RunConfig, task: str, batch_size: int, batches_done: int =
     `caption_source` picks the caption task's text (TEXT_SOURCES).
     """
     workers = loader_workers(cfg.data.num_workers, training=True) if num_workers is None else num_workers
-    stats = CorruptionStats(cfg.data.max_corrupt_fraction, cfg.data.min_samples_before_corrupt_check)
+    stats = CorruptionStats(cfg.data.max_corrupt_fraction, cfg.data.min_samples_before_corrupt_check, name=task)
     pipeline = shard_pipeline(
         resolve_shards(task_urls(cfg, task)), stats=stats, resampled=True,
         seed=cfg.train.seed * 1000 + seed_offset, shuffle_buffer=cfg.data.shuffle_buffer,
         transform=task_view_fn(cfg, task, caption_source),
         skip=functools.partial(_worker_skip, batches_done=batches_done, batch_size=batch_size),
+        verify_fraction=TRAIN_VERIFY_FRACTION,
     )
-    return iter(make_loader(pipeline, num_workers=workers, batch_size=batch_size, collate_fn=collate))
+    return TaskStream(iter(make_loader(pipeline, num_workers=workers, batch_size=batch_size, collate_fn=collate)),
+                      stats)
+
+
+# the fraction of shards whose sha256 a training stream checks against manifest.json as it reads them
+TRAIN_VERIFY_FRACTION = 0.05
+
+
+class TaskStream:
+    """A task's batch iterator plus its lost-sample counters (`stats`: CorruptionStats, shared with workers)."""
+
+    def __init__(self, batches: Iterator[dict[str, Any]], stats: CorruptionStats):
+        self.batches = batches
+        self.stats = stats
+
+    def __iter__(self) -> TaskStream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self.batches)

@@ -32,8 +32,8 @@ from versavit import storage
 from versavit.config import RunConfig, config_to_dict
 from versavit.launch.base import Launcher, LaunchResult
 from versavit.launch.errors import LaunchError
-from versavit.layout import reports_dir, run_name, stage_manifest_url
-from versavit.train import lifeline
+from versavit.layout import lease_url, reports_dir, run_name, stage_manifest_url, stage_url
+from versavit.train import checkpoint, lease, lifeline
 
 STOP_GRACE_S = 8.0  # how long a stopped launcher waits for torchrun to stop its ranks
 
@@ -85,7 +85,20 @@ def write_resolved_config(cfg: RunConfig, stage: str, variant: str = "") -> Path
 
 def launch_local(cfg: RunConfig, stage: str, env: dict[str, str] | None = None,
                  stream_output: bool = True, variant: str = "") -> dict[str, Any]:
-    """Run `stage` under torchrun with `cfg.launch.nproc_per_node` processes; return its stage.json."""
+    """Run `stage` under torchrun with `cfg.launch.nproc_per_node` processes; return its stage.json.
+
+    This process holds the stage folder's lease (`versavit.train.lease`) while torchrun runs: a second
+    launch on the same stage fails at once naming the holder. A checkpoint made under another config
+    fails here too (`checkpoint.check_resumable`), before torchrun starts; the ranks check it again.
+    """
+    with lease.hold(lease_url(cfg, stage, variant)):
+        if not cfg.train.restart:
+            checkpoint.check_resumable(storage.join(stage_url(cfg, stage, variant), "checkpoints"), cfg)
+        return _launch_local(cfg, stage, env, stream_output, variant)
+
+
+def _launch_local(cfg: RunConfig, stage: str, env: dict[str, str] | None, stream_output: bool,
+                  variant: str) -> dict[str, Any]:
     name = run_name(stage, variant)
     config_path = write_resolved_config(cfg, stage, variant)
     log_dir = reports_dir(cfg, name) / "logs" / time.strftime("%Y%m%d-%H%M%S")

@@ -6,6 +6,10 @@ optimizer shard) plus its RNG states into a rank-local staging folder (`storage.
 save) and uploads them to `<url>/<tag>/`. After a barrier, rank 0 writes `<url>/latest.json` last: a
 checkpoint exists only once that pointer names it, so a crash mid-save leaves the previous checkpoint as
 the latest.
+
+`latest.json` also records the config hash the checkpoint was made under (`resume_hash`): a run under
+another config never resumes it silently (`check_resumable`: one line naming both hashes and the fix,
+`train.restart=true` or deleting the stage folder).
 """
 
 from __future__ import annotations
@@ -21,8 +25,47 @@ import torch
 import torch.distributed as dist
 
 from versavit import storage
+from versavit.config import ConfigError, RunConfig, config_hash
 
 LATEST = "latest.json"
+# settings that do not change what a checkpoint holds or how it resumes: they may differ on a rerun
+_HASH_NEUTRAL = {"train": ("restart", "log_interval", "dist_timeout_s"), "tracking": None, "eval": None,
+                 "storage": None}
+
+
+class CheckpointMismatch(ConfigError):
+    """A stage's checkpoint was made under another config: it is not resumed."""
+
+
+def resume_hash(cfg: RunConfig) -> str:
+    """The config hash a checkpoint records and a resume must match: `config_hash` of the config with the
+    settings that cannot affect the checkpoint reset (train.restart, log_interval, dist_timeout_s;
+    tracking, eval, storage)."""
+    update: dict[str, Any] = {}
+    for section, fields in _HASH_NEUTRAL.items():
+        default = type(getattr(cfg, section))()
+        if fields is None:
+            update[section] = default
+        else:
+            update[section] = getattr(cfg, section).model_copy(update={f: getattr(default, f) for f in fields})
+    return config_hash(cfg.model_copy(update=update))
+
+
+def check_resumable(url: str, cfg: RunConfig) -> dict[str, Any] | None:
+    """The latest checkpoint's record under `url` if it may be resumed under `cfg` (None if there is none);
+    `CheckpointMismatch` (one line: both hashes and the fix) if it was made under another config."""
+    record = latest(url)
+    if record is None:
+        return None
+    want, got = resume_hash(cfg), record.get("config_hash")
+    if got != want:
+        made = f"config {got}" if got else "an unrecorded config (older version)"
+        folder = url.rsplit("/", 1)[0]
+        raise CheckpointMismatch(
+            f"{folder}: its checkpoint (step {record.get('step')}) was made under {made}, this run's config is "
+            f"{want}: not resumed. Start the stage over with train.restart=true (discards its checkpoints), or "
+            f"delete {folder}, or rerun with the config it was made with")
+    return record
 
 
 def rng_state() -> dict[str, Any]:
@@ -52,9 +95,9 @@ def latest(url: str) -> dict[str, Any] | None:
 
 
 def save(engine: Any, url: str, step: int, client_state: dict[str, Any], rank: int,
-         staging_root: str | Path | None = None) -> str:
+         staging_root: str | Path | None = None, meta: dict[str, Any] | None = None) -> str:
     """Save and commit checkpoint `step-<step>` under `url` (collective: every rank calls it); the files are
-    staged under `staging_root` (default: the temp dir)."""
+    staged under `staging_root` (default: the temp dir); `meta` (e.g. the config hash) goes into latest.json."""
     tag = f"step-{step:08d}"
     with storage.local_staging(f"ckpt-r{rank}", staging_root) as staging:
         engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
@@ -65,14 +108,30 @@ def save(engine: Any, url: str, step: int, client_state: dict[str, Any], rank: i
                     shutil.copyfile(path, tmp)
         _barrier()  # every rank's files are in place before the pointer moves
         if rank == 0:
-            storage.write_text(storage.join(url, LATEST), json.dumps({"tag": tag, "step": step}))
+            storage.write_text(storage.join(url, LATEST), json.dumps({**(meta or {}), "tag": tag, "step": step}))
         _barrier()
     return tag
 
 
-def load(engine: Any, url: str, rank: int, staging_root: str | Path | None = None) -> dict[str, Any] | None:
-    """Load the latest committed checkpoint into `engine`; returns its client state (or None)."""
-    record = latest(url)
+def remove(url: str, rank: int) -> None:
+    """Delete every checkpoint under `url` (rank 0; collective: the others wait), the pointer first."""
+    if rank == 0:
+        fs, root = storage.get_fs(url)
+        try:
+            if fs.exists(storage.get_fs(storage.join(url, LATEST))[1]):
+                fs.rm_file(storage.get_fs(storage.join(url, LATEST))[1])
+            if fs.exists(root):
+                fs.rm(root, recursive=True)
+        except Exception as exc:
+            raise storage.describe_error(url, exc) from exc
+    _barrier()
+
+
+def load(engine: Any, url: str, rank: int, staging_root: str | Path | None = None,
+         cfg: RunConfig | None = None) -> dict[str, Any] | None:
+    """Load the latest committed checkpoint into `engine`; returns its client state (or None). With `cfg`,
+    a checkpoint made under another config raises `CheckpointMismatch` instead (`check_resumable`)."""
+    record = check_resumable(url, cfg) if cfg is not None else latest(url)
     if record is None:
         return None
     tag = record["tag"]

@@ -31,7 +31,7 @@ from versavit import storage
 from versavit.config import RunConfig, config_hash, config_to_dict
 from versavit.data.shards import read_manifest
 from versavit.data.tasks import task_batches, task_urls
-from versavit.layout import export_url, metrics_log, run_name, stage_url, staging_root
+from versavit.layout import export_url, metrics_log, run_name, stage_url, staging_root, version_export_url
 from versavit.models.multitask import VersaViT
 from versavit.tracking import stage_run
 from versavit.train import checkpoint
@@ -40,6 +40,7 @@ from versavit.train.optim import build_optimizer, build_scheduler, param_groups
 
 log = logging.getLogger(__name__)
 TRAINED_STATE = "trained_state.pt"
+REGISTERED = "registered.json"  # in an exports/<hash>-<step>/ folder once a model version points at it
 
 
 @dataclass
@@ -173,6 +174,11 @@ class Trainer:
         device = init_distributed(cfg.train)
         rank, world, _ = dist_env()
         plan = plan_stage(cfg, stage, world, variant)
+        if cfg.train.restart:  # start over: the old checkpoints go first (they may be another config's)
+            checkpoint.remove(plan.checkpoints, rank)
+            resume = False
+        elif resume:  # a checkpoint of another config is never resumed silently (fails before any build)
+            checkpoint.check_resumable(plan.checkpoints, cfg)
         rs = cfg.train.stage(stage)
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         torch.manual_seed(cfg.train.seed)  # same init on every rank (DeepSpeed also broadcasts rank 0's)
@@ -254,11 +260,17 @@ class Trainer:
             point[f"throughput/{t}_samples_per_s"] = n / max(task_time[t], 1e-9)
         point["time/step_s"] = step_time
         point["time/data_wait_frac"] = wait / step_time
+        point.update(self.data_counters())
         return point
+
+    def data_counters(self) -> dict[str, float]:
+        """`data/<task>_lost_samples` and `_lost_fraction`: what each task's loader lost (this rank's view)."""
+        stats = [getattr(self.streams.get(t), "stats", None) for t in self.plan.tasks]
+        return {k: v for s in stats if s is not None for k, v in s.metrics().items()}
 
     def save(self, step: int) -> None:
         checkpoint.save(self.engine, self.plan.checkpoints, step, {"step": step, "batches_done": self.batches_done},
-                        self.rank, staging_root(self.cfg))
+                        self.rank, staging_root(self.cfg), meta={"config_hash": checkpoint.resume_hash(self.cfg)})
 
 
 def run_stage(cfg: RunConfig, stage: str, variant: str = "") -> dict[str, Any]:
@@ -290,7 +302,8 @@ def run_stage(cfg: RunConfig, stage: str, variant: str = "") -> dict[str, Any]:
                 if (step + 1) % plan.checkpoint_interval == 0 or step + 1 == plan.total_steps:
                     tr.save(step + 1)
                     last_saved = step + 1
-            return _finish(cfg, plan, tr.engine, rank, tracker, run, tr.init_from, tr.inherited)
+            return _finish(cfg, plan, tr.engine, rank, tracker, run, tr.init_from, tr.inherited,
+                           data={t: getattr(tr.streams.get(t), "stats", None) for t in plan.tasks})
     finally:
         tr.close_streams()
         progress.close()
@@ -316,7 +329,8 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _finish(cfg: RunConfig, plan: StagePlan, engine: Any, rank: int, tracker: Any, run: Any,
-            init_from: str | None, inherited: list[str] = ()) -> dict[str, Any]:
+            init_from: str | None, inherited: list[str] = (), data: dict[str, Any] | None = None,
+            ) -> dict[str, Any]:
     """Export (rank 0): HF backbone + heads, the trained tensors, stage.json; register the backbone.
 
     trained_state.pt holds every tensor trained so far in the recipe (this stage's trainable set plus what
@@ -335,15 +349,30 @@ def _finish(cfg: RunConfig, plan: StagePlan, engine: Any, rank: int, tracker: An
                 if path.is_file():
                     with storage.atomic_local_file(storage.join(plan.export, str(path.relative_to(tmp)))) as dst:
                         Path(dst).write_bytes(path.read_bytes())
+            # a registered version points at an immutable copy (export/ is overwritten by the next run)
+            version = version_export_url(cfg, plan.stage, plan.variant,
+                                         f"{checkpoint.resume_hash(cfg)}-{plan.total_steps}")
+            registered = storage.exists(storage.join(version, REGISTERED))
+            for path in [] if registered else sorted((Path(tmp) / "backbone").rglob("*")):
+                if path.is_file():
+                    with storage.atomic_local_file(storage.join(version, str(path.relative_to(tmp)))) as dst:
+                        Path(dst).write_bytes(path.read_bytes())
         run_id = tracker.run_id(run)
         result = {"stage": plan.stage, "variant": plan.variant, "export_url": plan.export,
                   "config_hash": config_hash(cfg), "checkpoint_url": plan.checkpoints,
                   "steps": plan.total_steps, "tasks": plan.tasks, "init_from": init_from,
-                  "mlflow_run_id": run_id, "plan": asdict(plan)}
+                  "mlflow_run_id": run_id, "registered_backbone_url": storage.join(version, "backbone"),
+                  "plan": asdict(plan),
+                  "data": {t: s.summary() for t, s in (data or {}).items() if s is not None}}
         storage.write_text(storage.join(plan.url, "stage.json"), json.dumps(result, indent=1, default=str))
         tracker.set_tags(run, {"versavit.export_url": plan.export})
-        tracker.register_model(run, f"{cfg.name}-{plan.url.rsplit('/', 1)[-1]}-backbone",
-                               storage.join(plan.export, "backbone"))
+        if registered:  # the same config and step (a rerun of a finished stage): that version already exists
+            log.info("backbone of %s already registered from %s", plan.url, version)
+        else:
+            tracker.register_model(run, f"{cfg.name}-{plan.url.rsplit('/', 1)[-1]}-backbone",
+                                   storage.join(version, "backbone"))
+            if getattr(tracker, "enabled", True):  # untracked: a later tracked run registers it
+                storage.write_text(storage.join(version, REGISTERED), json.dumps({"mlflow_run_id": run_id}))
     if dist.is_initialized():
         dist.barrier()
     return result
