@@ -77,11 +77,11 @@ def test_run_eval_end_to_end(eval_run: Path) -> None:
 
 def test_baseline_is_what_training_starts_from(eval_run: Path) -> None:
     from versavit.models.multitask import VersaViT
+    from versavit.models.precision import precision_dtype
 
     cfg = eval_config(eval_run)
     torch.manual_seed(cfg.train.seed)  # exactly what the multi-task stage does before building its model
-    model = VersaViT.build(cfg.model, tasks=cfg.train.multitask.tasks,
-                           dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32)
+    model = VersaViT.build(cfg.model, tasks=cfg.train.multitask.tasks, dtype=precision_dtype(cfg.train.precision))
     baseline = baseline_candidate(cfg).backbone
     expected, got = model.backbone.state_dict(), baseline.state_dict()
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)

@@ -346,7 +346,9 @@ class MultitaskStage(RecipeStage):
 
 
 class TrainConfig(Strict):
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "bf16", description="auto = bf16 on GPUs with bf16 support and on CPUs with native bf16 kernels "
+        "(AVX-512), fp32 elsewhere (bf16 on an AVX2-only CPU is ~30x slower: versavit.models.precision)")
     zero_stage: Literal[0, 1, 2] = 2
     seed: int = Field(0, description="seeds model initialisation and the data order and sampling of every stage "
                       "(eval.seed seeds the probes, data.synthetic.seed the synthetic world)")

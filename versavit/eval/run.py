@@ -46,6 +46,7 @@ from versavit.eval.refseg import RefSegSkipped, evaluate_refseg
 from versavit.eval.zeroshot import evaluate_zeroshot_depth
 from versavit.layout import eval_cache_dir, metrics_log, metrics_log_of_export, reports_dir
 from versavit.models.backbone import VisionBackbone
+from versavit.models.precision import precision_dtype, resolve_precision
 from versavit.tracking import stage_run
 
 log = logging.getLogger(__name__)
@@ -111,11 +112,12 @@ def baseline_candidate(cfg: RunConfig) -> Candidate:
     init = cfg.train.multitask.init_from
     if init and init != "auto":
         return resolve_candidate("baseline", init, cache)
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    dtype = precision_dtype(cfg.train.precision)  # as the multi-task stage built it on this machine
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # what run_stage does right before VersaViT.build (tower first)
         backbone = VisionBackbone.build(cfg.model.backbone, dtype=dtype)
-    return Candidate("baseline", f"random init (train.seed={cfg.train.seed}, {cfg.train.precision}): the multi-task "
+    precision = resolve_precision(cfg.train.precision)
+    return Candidate("baseline", f"random init (train.seed={cfg.train.seed}, {precision}): the multi-task "
                      "stage's starting backbone", backbone=backbone)
 
 

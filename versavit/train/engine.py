@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from versavit.config.schema import TrainConfig
+from versavit.models.precision import resolve_precision
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -47,7 +48,7 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int, grad_clip: float) -> dic
                               "contiguous_gradients": torch.cuda.is_available()},
         # no per-tensor inf/nan scan before each update (bf16 needs no loss scaling; the scan cost ~1% of the
         # tiny config's step): the loop checks the global gradient norm it computes anyway and stops the run
-        "bf16": {"enabled": cfg.precision == "bf16", "check_grad_overflow": False},
+        "bf16": {"enabled": resolve_precision(cfg.precision) == "bf16", "check_grad_overflow": False},
         "zero_allow_untested_optimizer": True,  # torch AdamW: no JIT-compiled optimiser op needed
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

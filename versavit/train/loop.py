@@ -33,6 +33,7 @@ from versavit.data.shards import read_manifest
 from versavit.data.tasks import task_batches, task_urls
 from versavit.layout import export_url, metrics_log, run_name, stage_url, staging_root, version_export_url
 from versavit.models.multitask import VersaViT
+from versavit.models.precision import precision_dtype, resolve_precision
 from versavit.tracking import stage_run
 from versavit.train import checkpoint
 from versavit.train.engine import deepspeed_config, dist_env, init_distributed, initialize
@@ -180,7 +181,9 @@ class Trainer:
         elif resume:  # a checkpoint of another config is never resumed silently (fails before any build)
             checkpoint.check_resumable(plan.checkpoints, cfg)
         rs = cfg.train.stage(stage)
-        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        dtype = precision_dtype(cfg.train.precision)
+        if cfg.train.precision == "auto" and rank == 0:
+            log.info("train.precision auto: %s on this machine", resolve_precision("auto"))
         torch.manual_seed(cfg.train.seed)  # same init on every rank (DeepSpeed also broadcasts rank 0's)
         model = VersaViT.build(cfg.model, tasks=plan.tasks, loss=cfg.train.loss, dtype=dtype, synergy=rs.synergy)
         init_from = resolve_init(cfg, stage, variant)
