@@ -431,7 +431,7 @@ def main() -> None:
                         handlers=[RichHandler(console=console, show_path=False)])
     for noisy in ("alembic", "botocore", "urllib3", "s3fs", "aiobotocore", "mlflow.store"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from versavit.data.loader import CorruptDataError
+    from versavit.data.errors import CorruptDataError
     from versavit.launch import LaunchError
 
     try:

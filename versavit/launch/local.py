@@ -33,7 +33,7 @@ from versavit.config import RunConfig, config_to_dict
 from versavit.launch.base import Launcher, LaunchResult
 from versavit.launch.errors import LaunchError
 from versavit.layout import lease_url, reports_dir, run_name, stage_manifest_url, stage_url
-from versavit.train import checkpoint, lease, lifeline
+from versavit.train import lease, lifeline, resume
 
 STOP_GRACE_S = 8.0  # how long a stopped launcher waits for torchrun to stop its ranks
 
@@ -89,11 +89,11 @@ def launch_local(cfg: RunConfig, stage: str, env: dict[str, str] | None = None,
 
     This process holds the stage folder's lease (`versavit.train.lease`) while torchrun runs: a second
     launch on the same stage fails at once naming the holder. A checkpoint made under another config
-    fails here too (`checkpoint.check_resumable`), before torchrun starts; the ranks check it again.
+    fails here too (`resume.check_resumable`), before torchrun starts; the ranks check it again.
     """
     with lease.hold(lease_url(cfg, stage, variant)):
         if not cfg.train.restart:
-            checkpoint.check_resumable(storage.join(stage_url(cfg, stage, variant), "checkpoints"), cfg)
+            resume.check_resumable(storage.join(stage_url(cfg, stage, variant), "checkpoints"), cfg)
         return _launch_local(cfg, stage, env, stream_output, variant)
 
 
