@@ -16,9 +16,11 @@ PIP    := $(PY) -m pip install -q --disable-pip-version-check
 # torch==2.13.0 goes in first, with pip: a bare `torch` requirement would pull a multi-GB CUDA build
 # on a CPU machine (a GPU box gets PyPI's CUDA build of the same version). Then everything else
 # exactly as locked, installed by uv at the lock's own version (11 s here against pip's 2.5 min; it
-# keeps the torch already installed), then versavit itself without dependencies. The stamp makes
+# keeps the torch already installed; bytecode compiled at install, as pip does: with
+# PYTHONDONTWRITEBYTECODE set, every process would otherwise recompile mlflow, transformers, ... and
+# the suite took 1.5x as long), then versavit itself without dependencies. The stamp makes
 # set-up idempotent and instant once done; it is redone when pyproject.toml or the lock changes.
-UV     := $(VENV)/bin/uv pip install -q --python $(PY)
+UV     := $(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY)
 $(STAMP): pyproject.toml $(LOCK)
 	@test -f $(LOCK) || { echo "error: no lock for Python $(PYVER) ($(LOCK)); supported: $(LOCK_PYTHONS). Use PYTHON=python3.X" >&2; exit 2; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
