@@ -329,3 +329,39 @@ def localize_config(ref: str) -> str:
         tmp.write_text(read_text(ref))
         os.replace(tmp, dest)
     return str(dest)
+
+
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Create `url` holding `data` unless it exists, atomically; False if it exists (locks and leases).
+
+    Local: the data is written to a temp file, then hard-linked into place (fails if `url` exists; a
+    reader never sees a partial record). S3: a conditional put (If-None-Match: *); an s3fs without it
+    falls back to check-then-put, racy by one round trip.
+    """
+    if not is_remote(url):
+        dest = Path(url.removeprefix("file://"))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, dest)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+    fs, path = get_fs(url)
+    try:
+        fs.pipe_file(path, data, mode="create")
+        return True
+    except FileExistsError:
+        return False
+    except (TypeError, ValueError, NotImplementedError):  # no exclusive create in this s3fs / store
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, data)
+        return True
+    except Exception as exc:
+        if "PreconditionFailed" in repr(exc) or "412" in str(exc):
+            return False
+        raise describe_error(url, exc) from exc

@@ -117,7 +117,7 @@ def test_s3_lease_is_created_by_a_conditional_put(s3: str) -> None:
     url = "s3://lease-bucket/run/stages/multitask/lease.json"
     first = Lease(url)
     first.acquire()
-    assert lease._create(url, "{}") is False  # If-None-Match: * refuses an existing object
+    assert storage.create_exclusive(url, b"{}") is False  # If-None-Match: * refuses an existing object
     with pytest.raises(LeaseHeldError, match="in use by another run"):
         Lease(url).acquire()
     first.release()

@@ -143,36 +143,6 @@ def _lock_is_stale(holder: dict[str, Any]) -> bool:
     return False
 
 
-def _create_exclusive(url: str, data: bytes) -> bool:
-    """Create `url` only if it does not exist (atomically); False if it does."""
-    if not storage.is_remote(url):
-        path = Path(url.removeprefix("file://"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return True
-    fs, path = storage.get_fs(url)
-    try:  # S3: a conditional put (If-None-Match: *) where the store supports it (AWS S3, recent MinIO)
-        with fs.open(path, "xb") as f:
-            f.write(data)
-        return True
-    except FileExistsError:
-        return False
-    except (ValueError, NotImplementedError, TypeError):  # no exclusive create: check, then write (racy)
-        if storage.exists(url):
-            return False
-        storage.write_bytes(url, data)
-        return True
-    except Exception as exc:
-        if "PreconditionFailed" in repr(exc) or "412" in str(exc):
-            return False
-        raise storage.describe_error(url, exc) from exc
-
-
 def acquire_writer_lock(dataset_url: str) -> dict[str, Any]:
     """Take `<dataset>/.writer.lock` (holder's host, pid, start time, expiry) or fail at once naming the holder.
 
@@ -183,7 +153,7 @@ def acquire_writer_lock(dataset_url: str) -> dict[str, Any]:
     holder = _lock_holder()
     data = json.dumps(holder).encode()
     for _ in range(2):
-        if _create_exclusive(url, data):
+        if storage.create_exclusive(url, data):
             return holder
         try:
             current = json.loads(storage.read_text(url))

@@ -26,7 +26,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from versavit import storage
@@ -84,37 +83,6 @@ def describe(rec: dict[str, Any], url: str, now: float | None = None) -> str:
             f" delete {url} only if that run is surely gone)")
 
 
-def _create(url: str, text: str) -> bool:
-    """Create `url` with `text` unless it exists (atomically); False if it exists."""
-    if not storage.is_remote(url):
-        dest = Path(url.removeprefix("file://"))
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.write_text(text)
-        try:
-            os.link(tmp, dest)  # atomic, fails if dest exists; dest never holds a partial record
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            tmp.unlink(missing_ok=True)
-    fs, path = storage.get_fs(url)
-    try:
-        fs.pipe_file(path, text.encode(), mode="create")  # If-None-Match: *
-        return True
-    except FileExistsError:
-        return False
-    except TypeError:  # an s3fs without mode=: check-then-put (racy by one round trip)
-        if fs.exists(path):
-            return False
-        storage.write_text(url, text)
-        return True
-    except Exception as exc:
-        if "PreconditionFailed" in repr(exc) or "412" in str(exc):
-            return False
-        raise storage.describe_error(url, exc) from exc
-
-
 def _remove(url: str) -> None:
     fs, path = storage.get_fs(url)
     try:
@@ -145,7 +113,7 @@ class Lease:
     def acquire(self) -> None:
         """Take the lease, or raise `LeaseHeldError` naming its live holder; an expired one is taken over."""
         for _ in range(3):
-            if _create(self.url, self._record()):
+            if storage.create_exclusive(self.url, self._record().encode()):
                 return
             rec = read(self.url)
             if rec is None:
