@@ -20,6 +20,16 @@ PATCH_MULTIPLE = 28  # patch 14 x 2x2 spatial merge: every fixed resolution must
 # here so that `eval.benchmarks` is checked when the config loads, not at the end of a run.
 BENCHMARK_NAMES: tuple[str, ...] = (
     "synthetic", "ade20k", "voc", "cityscapes", "nyu", "kitti", "refcoco", "refcoco+", "refcocog")
+# The sources `versavit data prepare` reads (versavit.data.prepare.SOURCES, whose keys a test holds equal to
+# this): training sets, then benchmarks, each in the layout its authors publish.
+TRAINING_SOURCES: tuple[str, ...] = (
+    "objects365", "grit", "sa1b", "refcoco", "refcoco+", "refcocog", "pixmo-cap", "idl-wds", "finevision",
+    "sa1b-internvl")
+BENCHMARK_SOURCES: tuple[str, ...] = ("ade20k", "voc2012", "cityscapes", "nyuv2", "kitti")
+SOURCE_NAMES: tuple[str, ...] = TRAINING_SOURCES + BENCHMARK_SOURCES
+# Pseudo-label steps, in the order they run on a dataset (describe reads masks, embed reads the texts).
+LABEL_KINDS: tuple[str, ...] = ("depth", "masks", "describe", "embed")
+LabelKind = Literal["depth", "masks", "describe", "embed"]
 
 
 def _check_url(value: str | None) -> str | None:
@@ -95,13 +105,58 @@ class DataSource(Strict):
     val_urls: list[Url] = Field(default_factory=list)
 
 
+def _check_source(name: str) -> str:
+    if name not in SOURCE_NAMES:
+        close = difflib.get_close_matches(name, SOURCE_NAMES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown source {name!r}{hint}; valid names: {', '.join(SOURCE_NAMES)}")
+    return name
+
+
+class DatasetSpec(Strict):
+    """One dataset of the run: converted from its published layout (`versavit data prepare`, when `input` is
+    set) into versavit shards at `url`, then pseudo-labelled (`labels`, in LABEL_KINDS order) into `labelled`.
+    Training stages read `labelled` when there are labels, else `url`; the pipeline runs both steps first."""
+
+    source: Annotated[str, AfterValidator(_check_source)] = Field(
+        description=f"a `data prepare` source: {', '.join(SOURCE_NAMES)}")
+    input: OptionalUrl = Field(None, description="raw input in the source's published layout (folder or URL); "
+                               "None = `url` already holds prepared shards")
+    url: Url = Field(description="the prepared versavit shards (manifest.json there, or <url>/<split>/ per split)")
+    splits: list[str] = Field(default_factory=list, description="splits to prepare, each into <url>/<split>; "
+                              "empty = the source's default split, written at <url>")
+    labels: list[LabelKind] = Field(default_factory=list, description="pseudo-label steps run on this dataset")
+    labelled: OptionalUrl = Field(None, description="where the labelled shards go (required with labels)")
+
+    @model_validator(mode="after")
+    def _labels(self) -> DatasetSpec:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels lists a kind twice")
+        self.labels = sorted(self.labels, key=LABEL_KINDS.index)  # the order they must run in
+        if self.labels and not self.labelled:
+            raise ValueError("labels are set but labelled (the output URL) is not")
+        if self.labelled and not self.labels:
+            raise ValueError("labelled is set but there are no labels to write there")
+        if self.labels and self.splits:
+            raise ValueError("labelled datasets have one split (splits is for benchmarks)")
+        return self
+
+    def training_url(self) -> str:
+        """What training reads: the labelled shards when there are labels, else the prepared ones."""
+        return self.labelled or self.url
+
+
 class DataConfig(Strict):
     source: Literal["synthetic", "shards"] = "synthetic"
     synthetic: SyntheticConfig = SyntheticConfig()
     tasks: dict[Task, DataSource] = Field(
         default_factory=dict,
-        description="per-task shards; with source=synthetic every task reads the synthetic world",
+        description="per-task shards of every stage that names none of its own (a stage's `data`); with "
+        "source=synthetic every task reads the synthetic world",
     )
+    datasets: dict[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=40)], DatasetSpec] = Field(
+        default_factory=dict, description="datasets the pipeline prepares and pseudo-labels before training "
+        "(name -> spec); stages and benchmarks read them by URL")
     shuffle_buffer: int = Field(256, ge=0)
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto",
@@ -296,6 +351,8 @@ class RecipeStage(StageLength):
     loss_weights: LossWeights = Field(default_factory=lambda: dict.fromkeys(TASKS, 1 / 3))
     init_from: InitFrom = "auto"
     synergy: SynergyConfig = SynergyConfig()
+    data: dict[Task, DataSource] = Field(default_factory=dict, description="this stage's shards per task; a task "
+                                         "not named here reads data.tasks[task]")
 
     _tasks = field_validator("tasks")(_check_tasks)
     _batches = field_validator("batch_size")(_check_batches)
@@ -415,6 +472,8 @@ class LabelingConfig(Strict):
     teachers: TeachersConfig = TeachersConfig()
     batch_size: int = Field(8, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    workers: int = Field(1, ge=1, description="parallel workers of each prepare and label step on the cluster "
+                         "(KFP ParallelFor over shard slices); each takes slices i, i+n, ...")
 
 
 class ProbeConfig(Strict):
@@ -449,6 +508,20 @@ class EvalConfig(Strict):
                                           "stage's starting backbone")
     probe: ProbeConfig = ProbeConfig()
     seed: int = Field(0, description="seeds the linear probes (head initialisation, batch order)")
+
+
+class WeightsConfig(Strict):
+    """Checkpoints staged once (`versavit weights stage`): every model the run loads (backbone, LLM, teachers,
+    baseline) is copied from the hub or a local folder to `url`, and every pod loads it from there, hub offline."""
+
+    url: OptionalUrl = Field(None, description="where staged checkpoints live (s3:// or a shared folder); None = "
+                             "load each model from its hub id or path as configured")
+    revisions: dict[str, str] = Field(default_factory=dict, description="hub id -> revision (tag, branch or "
+                                      "commit) to stage; default: main")
+    hub_token_env: str = Field("HF_TOKEN", description="env variable holding a hub token (gated models); on the "
+                               "cluster it comes from `hub_token_secret`")
+    hub_token_secret: str | None = Field(None, description="'secret-name/key' of a Kubernetes Secret holding the "
+                                         "hub token, for the weights step only")
 
 
 class TrackingConfig(Strict):
@@ -490,6 +563,7 @@ class RunConfig(Strict):
     train: TrainConfig = TrainConfig()
     labeling: LabelingConfig = LabelingConfig()
     eval: EvalConfig = EvalConfig()
+    weights: WeightsConfig = WeightsConfig()
     tracking: TrackingConfig = TrackingConfig()
     launch: LaunchConfig = LaunchConfig()
 
@@ -500,11 +574,24 @@ class RunConfig(Strict):
             raise ValueError("must not carry credentials (user:secret@); set them as env variables")
         return v
 
+    def stage_source(self, stage: str, task: str) -> DataSource:
+        """The shards stage `stage` reads for `task`: its own `data`, else `data.tasks`."""
+        own = self.train.stage(stage).data.get(task)  # type: ignore[call-overload]
+        return own if own is not None else self.data.tasks.get(task, DataSource())  # type: ignore[call-overload]
+
     @model_validator(mode="after")
     def _data_sources(self) -> RunConfig:
         if self.data.source == "shards":
-            tasks = dict.fromkeys(t for s in self.train.stages() for t in s.tasks)
-            missing = [t for t in tasks if not self.data.tasks.get(t, DataSource()).urls]
+            missing = [f"{self.train.stage_path(s.name)} {t}" for s in self.train.stages() for t in s.tasks
+                       if not self.stage_source(s.name, t).urls]
             if missing:
-                raise ValueError(f"data.source is 'shards' but data.tasks has no urls for {missing}")
+                raise ValueError(f"data.source is 'shards' but no urls are configured for {', '.join(missing)} "
+                                 "(a stage's data.<task>.urls, or data.tasks.<task>.urls)")
+        unlabelled = {d.url: name for name, d in self.data.datasets.items() if d.labels}
+        reads = [*(u for src in self.data.tasks.values() for u in src.urls),
+                 *(u for s in self.train.stages() for src in s.data.values() for u in src.urls)]
+        for url in reads:
+            if url in unlabelled:
+                raise ValueError(f"{url} holds the unlabelled shards of data.datasets.{unlabelled[url]}; training "
+                                 f"reads its labelled URL {self.data.datasets[unlabelled[url]].labelled}")
         return self

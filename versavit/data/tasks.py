@@ -174,17 +174,20 @@ def _worker_skip(worker: int, num_workers: int, batches_done: int, batch_size: i
     return mine * batch_size
 
 
-def task_urls(cfg: RunConfig, task: str, split: str = "train") -> list[str]:
+def task_urls(cfg: RunConfig, task: str, split: str = "train", stage: str | None = None) -> list[str]:
+    """The shard URLs `task` reads in `stage` (its own `data`, else `data.tasks`; the synthetic world when
+    data.source is synthetic)."""
     if cfg.data.source == "synthetic":
         # the labelled world (with text embeddings) once the labelling stage has written it
         labelled = f"{labelled_root(cfg.workdir)}/{split}"
         if storage.exists(f"{labelled}/manifest.json"):
             return [labelled]
         return [f"{synthetic_root(cfg.workdir)}/{split}"]
-    source = cfg.data.tasks.get(task)
+    source = cfg.stage_source(stage, task) if stage else cfg.data.tasks.get(task)
     urls = (source.urls if split == "train" else source.val_urls) if source else []
     if not urls:
-        raise ValueError(f"data.tasks.{task}.{'urls' if split == 'train' else 'val_urls'} is empty")
+        where = f"{cfg.train.stage_path(stage)}.data.{task} or data.tasks.{task}" if stage else f"data.tasks.{task}"
+        raise ValueError(f"{where}: no {'urls' if split == 'train' else 'val_urls'} configured")
     return urls
 
 
@@ -202,7 +205,8 @@ def task_view_fn(cfg: RunConfig, task: str, caption_source: str = "mixed"):  # -
 
 
 def task_batches(cfg: RunConfig, task: str, batch_size: int, batches_done: int = 0, seed_offset: int = 0,
-                 num_workers: int | None = None, caption_source: str = "mixed") -> Iterator[dict[str, Any]]:
+                 num_workers: int | None = None, caption_source: str = "mixed",
+                 stage: str | None = None) -> Iterator[dict[str, Any]]:
     """An endless, resumable stream of collated batches of `task` (resampled shards).
 
     `batches_done` batches are skipped (cheaply, before decoding): the data position on resume.
@@ -211,7 +215,7 @@ def task_batches(cfg: RunConfig, task: str, batch_size: int, batches_done: int =
     workers = loader_workers(cfg.data.num_workers, training=True) if num_workers is None else num_workers
     stats = CorruptionStats(cfg.data.max_corrupt_fraction, cfg.data.min_samples_before_corrupt_check, name=task)
     pipeline = shard_pipeline(
-        resolve_shards(task_urls(cfg, task)), stats=stats, resampled=True,
+        resolve_shards(task_urls(cfg, task, stage=stage)), stats=stats, resampled=True,
         seed=cfg.train.seed * 1000 + seed_offset, shuffle_buffer=cfg.data.shuffle_buffer,
         transform=task_view_fn(cfg, task, caption_source),
         skip=functools.partial(_worker_skip, batches_done=batches_done, batch_size=batch_size),

@@ -89,7 +89,7 @@ def plan_stage(cfg: RunConfig, stage: str, world: int = 1, variant: str = "") ->
     if rs.max_steps:
         steps = rs.max_steps
     else:  # one epoch of the largest task; smaller tasks are resampled to the same step count
-        sizes = {t: _dataset_size(task_urls(cfg, t)) for t in tasks}
+        sizes = {t: _dataset_size(task_urls(cfg, t, stage=stage)) for t in tasks}
         if any(v is None for v in sizes.values()):
             raise ValueError(f"{cfg.train.stage_path(stage)}.max_steps is required: dataset sizes unknown for "
                              f"{[t for t, v in sizes.items() if v is None]}")
@@ -208,7 +208,7 @@ class Trainer:
         """One resampled stream per task, starting at its data position (`batches_done`)."""
         self.close_streams()
         self.streams = {t: task_batches(self.cfg, t, self.plan.batch_size[t], self.batches_done[t], seed_offset=i,
-                                        caption_source=self.plan.caption_source)
+                                        caption_source=self.plan.caption_source, stage=self.plan.stage)
                         for i, t in enumerate(self.plan.tasks)}
 
     def close_streams(self) -> None:
