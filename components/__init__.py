@@ -14,10 +14,15 @@ from kfp import dsl
 # The image a cluster runs components in; `versavit pipeline compile` sets it from launch.image
 # (the environment variable is read at import, when the components are defined).
 IMAGE = os.environ.get("VERSAVIT_COMPONENT_IMAGE", "ghcr.io/versavit/trainer:0.1.0")
+LABELER_IMAGE = os.environ.get("VERSAVIT_LABELER_IMAGE", "ghcr.io/versavit/labeler:0.1.0")
 
 
 def _component(func):  # noqa: ANN001, ANN202 - decorator
     return dsl.component(func, base_image=IMAGE, install_kfp_package=False)
+
+
+def _labeler_component(func):  # noqa: ANN001, ANN202 - decorator: runs in the labeler image
+    return dsl.component(func, base_image=LABELER_IMAGE, install_kfp_package=False)
 
 
 @_component
@@ -64,6 +69,35 @@ def label(config_json: str, dataset_url: str, parent_run_id: str, kfp_run_id: st
     from versavit.stages import stage_label
 
     return stage_label(load_config_text(config_json), dataset_url, parent_run_id, kfp_run_id)
+
+
+@_component
+def weights(config_json: str, parent_run_id: str, kfp_run_id: str) -> str:
+    """Copy every checkpoint the run loads (backbone, LLM, teachers, baseline) to weights.url once; returns it."""
+    from versavit.config import load_config_text
+    from versavit.stages import stage_weights
+
+    return stage_weights(load_config_text(config_json), parent_run_id, kfp_run_id)
+
+
+@_labeler_component
+def prepare(config_json: str, shard_index: int, num_shards: int, parent_run_id: str, kfp_run_id: str) -> str:
+    """One worker's slice of every data.datasets entry with a raw input: published layout -> versavit shards."""
+    from versavit.config import load_config_text
+    from versavit.stages import stage_prepare
+
+    return stage_prepare(load_config_text(config_json), shard_index, num_shards, parent_run_id, kfp_run_id)
+
+
+@_labeler_component
+def label_datasets(config_json: str, kind: str, shard_index: int, num_shards: int, parent_run_id: str,
+                   kfp_run_id: str) -> str:
+    """One worker's slice of pseudo-label step `kind` on every data.datasets entry that lists it."""
+    from versavit.config import load_config_text
+    from versavit.stages import stage_label_datasets
+
+    return stage_label_datasets(load_config_text(config_json), kind, shard_index, num_shards, parent_run_id,
+                                kfp_run_id)
 
 
 @_component

@@ -36,8 +36,9 @@ def _with_overrides(text: str, overrides: list[str]) -> str:
     return config_json(load_config_text(text, overrides))
 
 
-def _cluster_settings(task: dsl.PipelineTask, cfg: RunConfig, gpus: bool = False) -> dsl.PipelineTask:
-    """Secrets as env, /dev/shm, scheduling and GPUs for the cluster (ignored by the local runner)."""
+def _cluster_settings(task: dsl.PipelineTask, cfg: RunConfig, gpus: bool | int = False) -> dsl.PipelineTask:
+    """Secrets as env, /dev/shm, scheduling and GPUs for the cluster (ignored by the local runner). `gpus`: True
+    = launch.resources.gpus_per_node, or a count."""
     from kfp import kubernetes
 
     by_secret: dict[str, dict[str, str]] = {}
@@ -46,11 +47,12 @@ def _cluster_settings(task: dsl.PipelineTask, cfg: RunConfig, gpus: bool = False
         by_secret.setdefault(secret, {})[key] = env
     for secret, mapping in by_secret.items():
         kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=mapping)
-    if gpus and cfg.launch.resources.gpus_per_node:
+    count = cfg.launch.resources.gpus_per_node if gpus is True else int(gpus)
+    if count and cfg.launch.resources.gpus_per_node:
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=cfg.launch.resources.shm_size)
         task.set_accelerator_type(cfg.launch.resources.gpu_resource_name)
-        task.set_accelerator_limit(str(cfg.launch.resources.gpus_per_node))
+        task.set_accelerator_limit(str(count))
         for key, value in cfg.launch.node_selector.items():
             kubernetes.add_node_selector(task, label_key=key, label_value=value)
         for tol in cfg.launch.tolerations:
@@ -60,7 +62,8 @@ def _cluster_settings(task: dsl.PipelineTask, cfg: RunConfig, gpus: bool = False
 
 
 def make_pipeline(cfg: RunConfig) -> Callable:
-    """data -> data_check -> label -> warm-up -> multi-task -> evaluation, under one MLflow parent run."""
+    """weights -> data (synthetic: render, check, label; shards: prepare, pseudo-label fan-out) -> warm-up ->
+    multi-task -> evaluation, under one MLflow parent run."""
     import components as c
 
     default = config_json(cfg)
@@ -77,6 +80,41 @@ def make_pipeline(cfg: RunConfig) -> Callable:
     return versavit
 
 
+def _weights_and_datasets(c, cfg: RunConfig, config_json, parent, run_id) -> list:  # noqa: ANN001
+    """The steps before training on a shards run: stage the weights (`weights.url`), prepare every dataset with
+    a raw input, then each pseudo-label kind in LABEL_KINDS order, each a ParallelFor over `labeling.workers`
+    slices (worker i takes output shards i, i+n, ...). Returns the last tasks, which training waits on."""
+    from versavit.config.schema import LABEL_KINDS
+
+    last: list = []
+    if cfg.weights.url:
+        staged = c.weights(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES)
+        if cfg.weights.hub_token_secret:  # gated models: the hub token reaches this step only, by secret name
+            from kfp import kubernetes
+
+            secret, key = cfg.weights.hub_token_secret.split("/", 1)
+            kubernetes.use_secret_as_env(staged, secret_name=secret, secret_key_to_env={key: cfg.weights.hub_token_env})
+        last = [_cluster_settings(staged, cfg)]
+    workers = cfg.labeling.workers
+    datasets = cfg.data.datasets.values()
+    steps: list[tuple[str, Callable]] = []
+    if any(d.input for d in datasets):
+        steps.append(("prepare", lambda i: c.prepare(config_json=config_json, shard_index=i, num_shards=workers,
+                                                     parent_run_id=parent, kfp_run_id=run_id)))
+    for kind in LABEL_KINDS:
+        if any(kind in d.labels for d in datasets):
+            steps.append((f"label-{kind}", lambda i, k=kind: c.label_datasets(
+                config_json=config_json, kind=k, shard_index=i, num_shards=workers, parent_run_id=parent,
+                kfp_run_id=run_id)))
+    for name, make in steps:
+        with dsl.ParallelFor(items=list(range(workers)), parallelism=workers, name=name) as index:
+            task = make(index).set_retry(RETRIES).after(*last)
+            task.set_display_name(name)
+            _cluster_settings(task, cfg, gpus=cfg.labeling.gpus_per_worker if name.startswith("label") else 0)
+        last = [task]
+    return last
+
+
 @contextlib.contextmanager
 def _tracked(c, cfg: RunConfig, config_json, run_id):  # noqa: ANN001, ANN202
     """Open the MLflow parent run first and close it in an exit handler, whatever the stages do; yields
@@ -88,10 +126,11 @@ def _tracked(c, cfg: RunConfig, config_json, run_id):  # noqa: ANN001, ANN202
 
 
 def _data_and_labels(c, cfg: RunConfig, config_json, parent, run_id, check: bool = False):  # noqa: ANN001, ANN202
-    """The synthetic world rendered (+ read back when `check`) and pseudo-labelled; returns the labelled
-    dataset URL for the training stages to wait on. Sharded sources arrive labelled: nothing to do ("")."""
+    """The synthetic world rendered (+ read back when `check`) and pseudo-labelled, or (data.source shards) the
+    weights staged and data.datasets prepared and pseudo-labelled; returns what the training stages wait on: the
+    labelled dataset URL, or the last tasks."""
     if cfg.data.source != "synthetic":
-        return ""
+        return _weights_and_datasets(c, cfg, config_json, parent, run_id)
     data = _cluster_settings(c.data(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id), cfg)
     if check:
         _cluster_settings(c.data_check(config_json=config_json, dataset_url=data.output, parent_run_id=parent,
@@ -101,11 +140,18 @@ def _data_and_labels(c, cfg: RunConfig, config_json, parent, run_id, check: bool
     return _cluster_settings(labelled, cfg, gpus=True).output
 
 
+def _split_upstream(upstream) -> tuple:  # noqa: ANN001
+    """What `_data_and_labels` returned -> (URL to pass as `upstream`, tasks to run after)."""
+    return ("", upstream) if isinstance(upstream, list) else (upstream, [])
+
+
 def _train_chain(c, cfg: RunConfig, config_json, variant: str, upstream, parent, run_id):  # noqa: ANN001, ANN202
     """One `train` task per stage of `cfg`'s recipe, each after the previous; returns the last stage.json URL."""
+    upstream, after = _split_upstream(upstream)
     for stage in cfg.train.stages():
         t = c.train(config_json=config_json, stage=stage.name, variant=variant, upstream=upstream,
-                    parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES)
+                    parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES).after(*after)
+        after = []
         t.set_display_name(f"{stage.name}-{variant}" if variant else stage.name)
         upstream = _cluster_settings(t, cfg).output
     return upstream
@@ -126,9 +172,10 @@ def make_ablation_pipeline(cfg: RunConfig) -> Callable:
     def ablation(config_json: str = default):
         run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         with _tracked(c, cfg, config_json, run_id) as parent:
-            upstream = _data_and_labels(c, cfg, config_json, parent, run_id)
+            upstream, after = _split_upstream(_data_and_labels(c, cfg, config_json, parent, run_id))
             warm = _cluster_settings(c.train(config_json=config_json, stage="warmup", variant="", upstream=upstream,
-                                             parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES), cfg)
+                                             parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES).after(*after),
+                                     cfg)
             outs = []
             for name, branch_yaml in branches.items():
                 t = c.train(config_json=branch_yaml, stage="multitask", variant=name, upstream=warm.output,

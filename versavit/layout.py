@@ -5,6 +5,7 @@ beyond creating local report folders).
       data/synthetic/{train,val}          the rendered synthetic world              synthetic_root
       data/labelled/{train,val}           the world with teacher outputs added      labelled_root
       data/labelled-<kind>/{train,val}    intermediate outputs of chained teachers  label_step_url
+      data/label-steps/<dataset>/<kind>   the same for a data.datasets entry        dataset_label_step_url
       stages/<stage>[-<variant>]/         a training stage                          stage_url
         checkpoints/  export/  stage.json                                           stage_manifest_url, export_url
         lease.json                        which run writes the stage now            lease_url
@@ -16,19 +17,30 @@ beyond creating local report folders).
         mlflow-pending/replayed/          records sent later (tracking replay)      tracking_pending_dir
       kfp-local/                          KFP's local pipeline root
 
+    <weights.url>/                        checkpoints staged once (`versavit weights stage`)
+      <owner>/<name>/                     a hub model, as from_pretrained needs it     weights_url
+      local/<name>-<hash>/                a local checkpoint folder
+        .versavit-weights.json            the record: source, revision, files (last)   weights_record_url
+    $VERSAVIT_MODEL_CACHE (~/.cache/versavit/models)  a node's copies of s3 checkpoints  model_cache_dir
+
 A workdir may be an `s3://` URL; what must be a local folder (reports, caches, the default MLflow
 store, pending records) then goes to `./runs/<config name>` (`local_root`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 
 from versavit import storage
 from versavit.config import RunConfig
 
 EVAL_CACHE_ENV = "VERSAVIT_EVAL_CACHE"
+MODEL_CACHE_ENV = "VERSAVIT_MODEL_CACHE"
+WEIGHTS_RECORD = ".versavit-weights.json"  # written last: a staged copy without it is incomplete
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 
 
 def local_root(cfg: RunConfig) -> Path:
@@ -101,6 +113,11 @@ def label_step_url(workdir: str, kind: str, split: str) -> str:
     return storage.join(workdir, "data", f"labelled-{kind}", split)
 
 
+def dataset_label_step_url(workdir: str, dataset: str, kind: str) -> str:
+    """An intermediate output of a `data.datasets` entry's label chain (the last kind writes its `labelled`)."""
+    return storage.join(workdir, "data", "label-steps", dataset, kind)
+
+
 def eval_cache_dir(cfg: RunConfig) -> Path:
     """Cached features and downloaded exports: `$VERSAVIT_EVAL_CACHE`, else `<local root>/cache/eval`."""
     if os.environ.get(EVAL_CACHE_ENV):
@@ -122,3 +139,39 @@ def tracking_pending_dir(cfg: RunConfig) -> Path:
 def kfp_local_root(workdir: str | Path) -> Path:
     """KFP's pipeline root for local runs (it cannot be s3:// there)."""
     return Path(workdir) / "kfp-local"
+
+
+def model_ref_kind(ref: str) -> str:
+    """What a model ref is: "url" (s3:// and other remote URLs), "local" (a folder path) or "hub" (a hub id,
+    `owner/name` or `name`, that is not an existing folder; from_pretrained checks folders first, too)."""
+    if storage.is_remote(ref):
+        return "url"
+    path = ref.removeprefix("file://")
+    if ref.startswith(("file://", "/", ".", "~")) or os.path.isdir(os.path.expanduser(path)):
+        return "local"
+    return "hub" if _HUB_ID.match(ref) and "--" not in ref and ".." not in ref else "local"
+
+
+def weights_url(cfg: RunConfig, ref: str) -> str:
+    """Where `ref` is staged: `<weights.url>/<hub id>`, or `<weights.url>/local/<folder name>-<8 hex of its
+    absolute path>` for a local folder. Requires `weights.url`."""
+    if not cfg.weights.url:
+        raise ValueError("weights.url is not set: there is no staged copy of any model")
+    if model_ref_kind(ref) == "hub":
+        return storage.join(cfg.weights.url, ref)
+    path = Path(os.path.expanduser(ref.removeprefix("file://"))).resolve()
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
+    return storage.join(cfg.weights.url, "local", f"{path.name or 'model'}-{digest}")
+
+
+def weights_record_url(staged_url: str) -> str:
+    """The record of a staged checkpoint (source, revision, files and sizes); present only once it is complete."""
+    return storage.join(staged_url, WEIGHTS_RECORD)
+
+
+def model_cache_dir() -> Path:
+    """Where a node keeps its copies of staged s3:// checkpoints: `$VERSAVIT_MODEL_CACHE`, else
+    `~/.cache/versavit/models` (one copy per node, shared by its ranks)."""
+    if os.environ.get(MODEL_CACHE_ENV):
+        return Path(os.environ[MODEL_CACHE_ENV])
+    return Path.home() / ".cache" / "versavit" / "models"

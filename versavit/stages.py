@@ -102,6 +102,76 @@ def stage_label(cfg: RunConfig, dataset_url: str, parent_run_id: str | None = No
     return out_root
 
 
+def dataset_label_chains(cfg: RunConfig) -> dict[str, list[tuple[str, str, str]]]:
+    """kind -> [(dataset, input URL, output URL)] for every `data.datasets` entry with labels: each kind reads
+    what the previous one wrote (first: the prepared shards), the last writes the entry's `labelled`."""
+    chains: dict[str, list[tuple[str, str, str]]] = {}
+    for name, spec in cfg.data.datasets.items():
+        source = spec.url
+        for i, kind in enumerate(spec.labels):
+            target = spec.labelled if i == len(spec.labels) - 1 else layout.dataset_label_step_url(cfg.workdir, name,
+                                                                                                   kind)
+            chains.setdefault(kind, []).append((name, source, str(target)))
+            source = str(target)
+    return chains
+
+
+def _log_counts(tracker: Any, run: Any, prefix: str, counts: dict[str, Any]) -> None:
+    tracker.log_metrics(run, {f"{prefix}_{k}": v for k, v in counts.items()
+                              if isinstance(v, int | float) and not isinstance(v, bool)}, step=0)
+
+
+def stage_prepare(cfg: RunConfig, shard_index: int = 0, num_shards: int = 1, parent_run_id: str | None = None,
+                  kfp_run_id: str | None = None) -> str:
+    """Worker `shard_index` of `num_shards` of `versavit data prepare` over every `data.datasets` entry with a raw
+    input (each split into <url>/<split> when it names splits); returns the summaries as JSON. Shards done with
+    the same settings are skipped, so a rerun of a finished step costs a listing."""
+    from versavit.data.prepare.runner import prepare_dataset
+    from versavit.progress import per_name, progress_bar
+
+    set_run_context(parent_run_id, kfp_run_id)
+    storage.configure(cfg.storage)
+    summaries: dict[str, Any] = {}
+    tags = {"versavit.shard_index": str(shard_index), "versavit.num_shards": str(num_shards)}
+    with stage_run(cfg, "prepare", tags=tags) as (tracker, run):
+        for name, spec in cfg.data.datasets.items():
+            if not spec.input:
+                continue
+            for split in spec.splits or [None]:
+                out = storage.join(spec.url, split) if spec.splits else spec.url
+                with progress_bar() as bar:
+                    summary = prepare_dataset(spec.source, spec.input, out, split, shard_index, num_shards,
+                                              progress=per_name(bar, f"prepare {name}"),
+                                              max_corrupt_fraction=cfg.data.max_corrupt_fraction)
+                key = f"{name}/{split}" if split else name
+                summaries[key] = summary
+                _log_counts(tracker, run, f"prepare/{key.replace('/', '_')}", summary.get("counts", {}))
+    return json.dumps(summaries, default=str)
+
+
+def stage_label_datasets(cfg: RunConfig, kind: str, shard_index: int = 0, num_shards: int = 1,
+                         parent_run_id: str | None = None, kfp_run_id: str | None = None) -> str:
+    """Worker `shard_index` of `num_shards` of label step `kind` on every `data.datasets` entry that lists it
+    (`dataset_label_chains`); the worker finishing a dataset's last shard writes its manifest. Returns the
+    summaries as JSON."""
+    from versavit.labeling.jobs import label_dataset
+    from versavit.progress import per_name, progress_bar
+
+    set_run_context(parent_run_id, kfp_run_id)
+    storage.configure(cfg.storage)
+    summaries: dict[str, Any] = {}
+    tags = {"versavit.shard_index": str(shard_index), "versavit.num_shards": str(num_shards)}
+    with stage_run(cfg, f"label_{kind}", tags=tags) as (tracker, run):
+        for name, source, target in dataset_label_chains(cfg).get(kind, []):
+            with progress_bar() as bar:
+                summary = label_dataset(kind, source, target, cfg.labeling, shard_index, num_shards,
+                                        progress=per_name(bar, f"{kind} {name}"), tracker=tracker, run=run,
+                                        max_corrupt_fraction=cfg.data.max_corrupt_fraction)
+            summaries[name] = summary
+            _log_counts(tracker, run, f"label/{name}_{kind}", summary.get("counts", {}))
+    return json.dumps(summaries, default=str)
+
+
 def label_shards(cfg: RunConfig, kind: str, input_url: str, output_url: str, shard_index: int = 0,
                  num_shards: int = 1) -> dict[str, Any]:
     """One worker's slice of a labelling job (`versavit label <kind>`), as a tracked stage run; returns

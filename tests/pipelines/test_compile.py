@@ -54,18 +54,55 @@ def test_paper_pipeline_references_secrets_by_name_only(tmp_path: Path) -> None:
     spec = compiled(tmp_path, "versavit")
     text = spec["_text"]
     platform = list(yaml.safe_load_all(text))[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    secret_envs = [e for ex in platform.values() for e in ex.get("secretAsEnv", [])]
+    secret_envs = [e for name, ex in platform.items() for e in ex.get("secretAsEnv", []) if name != "exec-weights"]
     assert secret_envs and all(e["secretName"] == "minio-credentials" for e in secret_envs)
+    # the hub token reaches the weights step only
+    hub = [e for ex in platform.values() for e in ex.get("secretAsEnv", []) if e["secretName"] == "hf-token"]
+    assert hub == [e for e in platform["exec-weights"]["secretAsEnv"] if e["secretName"] == "hf-token"]
+    assert hub[0]["keyToEnv"] == [{"secretKey": "token", "envVar": "HF_TOKEN"}]
     keys = {kv["secretKey"]: kv["envVar"] for e in secret_envs for kv in e["keyToEnv"]}
     assert keys == {"access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"}
     # GPU stages (labelling, evaluation) get GPUs, /dev/shm and the H20 node selector
     gpu_execs = [ex for ex in platform.values() if "nodeSelector" in ex]
     assert gpu_execs and all(ex["emptyDirMounts"][0]["mountPath"] == "/dev/shm" for ex in gpu_execs)
     assert "NVIDIA-H20" in text
-    # no data stage for sharded (already labelled) sources; warm-up then multi-task then evaluation
-    deps = _deps(spec)
-    assert set(deps) == {"open-run", "train", "train-2", "evaluate"}
     assert "retryPolicy" in text
+
+
+def test_paper_pipeline_stages_weights_prepares_and_labels_before_training(tmp_path: Path) -> None:
+    spec = compiled(tmp_path, "versavit")
+    deps = _deps(spec)
+    inner = next(t for t in spec["root"]["dag"]["tasks"].values() if "exit-handler" in t["componentRef"]["name"])
+    body = spec["components"][inner["componentRef"]["name"]]["dag"]["tasks"]
+    step = {body[n]["taskInfo"]["name"]: n for n in body}
+    order = ["weights", "prepare", "label-depth", "label-masks", "label-describe", "label-embed", "warmup",
+             "multitask", "evaluate"]
+    assert set(step) == {"open-run", *order}
+    for before, after in zip(order, order[1:], strict=False):
+        assert step[before] in deps[step[after]], (before, after)
+    # each prepare / label step fans out over labeling.workers (16) slices: a ParallelFor over 0..15
+    for name in order[1:6]:
+        loop = body[step[name]]
+        assert json.loads(loop["parameterIterator"]["items"]["raw"]) == list(range(16))
+        assert loop["iteratorPolicy"]["parallelismLimit"] == 16
+        inner_task = next(iter(spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"].values()))
+        executor = spec["deploymentSpec"]["executors"][spec["components"][inner_task["componentRef"]["name"]]
+                                                       ["executorLabel"]]
+        assert executor["container"]["image"] == "ghcr.io/versavit/labeler:0.1.0"  # not the trainer image
+        resources = executor["container"].get("resources", {})
+        gpus = resources.get("accelerator", {}).get("resourceCount")
+        assert gpus == ("1" if name.startswith("label") else None), (name, resources)
+    # what the label steps label, in order, for two datasets of different chains
+    from versavit.config.schema import LABEL_KINDS
+    from versavit.stages import dataset_label_chains
+
+    chains = dataset_label_chains(load_config(ROOT / "configs/paper.yaml"))
+    assert [n for n, _, _ in chains["depth"]][:2] == ["open-images", "objects365-depth"]
+    objects365 = [(k, src, out) for k in LABEL_KINDS for n, src, out in chains.get(k, []) if n == "objects365-refseg"]
+    assert [k for k, _, _ in objects365] == ["masks", "describe", "embed"]
+    assert objects365[0][1] == "s3://versavit/data/objects365"  # reads the prepared shards
+    assert objects365[1][1] == objects365[0][2] and objects365[2][1] == objects365[1][2]  # each reads the last
+    assert objects365[-1][2] == "s3://versavit/data/refseg/objects365"  # the last writes `labelled`
 
 
 def test_ablation_branches_share_data_and_warmup(tmp_path: Path) -> None:

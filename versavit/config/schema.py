@@ -24,7 +24,7 @@ BENCHMARK_NAMES: tuple[str, ...] = (
 # this): training sets, then benchmarks, each in the layout its authors publish.
 TRAINING_SOURCES: tuple[str, ...] = (
     "objects365", "grit", "sa1b", "refcoco", "refcoco+", "refcocog", "pixmo-cap", "idl-wds", "finevision",
-    "sa1b-internvl")
+    "sa1b-internvl", "images")
 BENCHMARK_SOURCES: tuple[str, ...] = ("ade20k", "voc2012", "cityscapes", "nyuv2", "kitti")
 SOURCE_NAMES: tuple[str, ...] = TRAINING_SOURCES + BENCHMARK_SOURCES
 # Pseudo-label steps, in the order they run on a dataset (describe reads masks, embed reads the texts).
@@ -128,11 +128,15 @@ class DatasetSpec(Strict):
     labels: list[LabelKind] = Field(default_factory=list, description="pseudo-label steps run on this dataset")
     labelled: OptionalUrl = Field(None, description="where the labelled shards go (required with labels)")
 
+    @field_validator("labels")
+    @classmethod
+    def _label_order(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("lists a kind twice")
+        return sorted(v, key=LABEL_KINDS.index)  # the order they must run in
+
     @model_validator(mode="after")
     def _labels(self) -> DatasetSpec:
-        if len(set(self.labels)) != len(self.labels):
-            raise ValueError("labels lists a kind twice")
-        self.labels = sorted(self.labels, key=LABEL_KINDS.index)  # the order they must run in
         if self.labels and not self.labelled:
             raise ValueError("labels are set but labelled (the output URL) is not")
         if self.labelled and not self.labels:
@@ -472,8 +476,10 @@ class LabelingConfig(Strict):
     teachers: TeachersConfig = TeachersConfig()
     batch_size: int = Field(8, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    workers: int = Field(1, ge=1, description="parallel workers of each prepare and label step on the cluster "
-                         "(KFP ParallelFor over shard slices); each takes slices i, i+n, ...")
+    workers: int = Field(1, ge=1, description="parallel workers of each prepare and label step (KFP ParallelFor "
+                         "over shard slices): worker i takes output shards i, i+n, ... of every dataset")
+    gpus_per_worker: int = Field(1, ge=0, description="GPUs of each label worker on the cluster (the teachers run "
+                                 "on one device each)")
 
 
 class ProbeConfig(Strict):
@@ -543,6 +549,8 @@ class LaunchConfig(Strict):
     nproc_per_node: int = Field(1, ge=1)
     nnodes: int = Field(1, ge=1)
     image: str = "ghcr.io/versavit/trainer:0.1.0"
+    labeler_image: str = Field("ghcr.io/versavit/labeler:0.1.0", description="image of the prepare and label "
+                               "steps (teachers, no DeepSpeed)")
     namespace: str = "versavit"
     service_account: str = "versavit-runner"
     resources: ResourcesConfig = ResourcesConfig()

@@ -12,9 +12,11 @@ def _pipeline_func(cfg: RunConfig, pipeline: str):  # -> a @dsl.pipeline functio
     import importlib
 
     os.environ["VERSAVIT_COMPONENT_IMAGE"] = cfg.launch.image  # read when components/ is imported
+    os.environ["VERSAVIT_LABELER_IMAGE"] = cfg.launch.labeler_image
     import components
 
-    if cfg.launch.image != components.IMAGE:  # components are defined at import: redefine them
+    if (cfg.launch.image, cfg.launch.labeler_image) != (components.IMAGE, components.LABELER_IMAGE):
+        # components are defined at import: redefine them
         importlib.reload(components)
     from pipelines import PIPELINES
 
