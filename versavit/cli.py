@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import errno
+import json
 import logging
 import os
 import re
@@ -92,7 +93,8 @@ def config_show(config: Path = ConfigOpt, overrides: list[str] = OverridesArg) -
 
 @data_app.command("synth")
 def data_synth(
-    out: str = typer.Option(..., "--out", help="dataset URL: a folder or s3://bucket/prefix"),
+    out: str | None = typer.Option(None, "--out", help="dataset URL: a folder or s3://bucket/prefix (default: the "
+                                   "run's <workdir>/data/synthetic, where training reads it)"),
     num_samples: int | None = typer.Option(None, "--num-samples", "-n", min=1,
                                            help="training samples (default: data.synthetic.num_train)"),
     num_val: int | None = typer.Option(None, "--num-val", min=1,
@@ -115,6 +117,7 @@ def data_synth(
              "samples_per_shard": samples_per_shard,
              "num_val": num_val or (max(1, num_samples // 8) if num_samples else None)}
     syn = SyntheticConfig(**{**cfg.data.synthetic.model_dump(), **{k: v for k, v in given.items() if v is not None}})
+    out = out or layout.synthetic_root(cfg.workdir)
     storage.ensure_bucket(out)  # an unwritable --out fails here, before the progress bar draws anything
     with progress_bar() as bar:
         manifests = build_synthetic(out, syn, workers=workers, progress=per_name(bar, "render"))
@@ -201,12 +204,15 @@ def tracking_replay(
 
 
 def _train(stage: str, config: Path | None, overrides: list[str] | None) -> None:
+    from versavit.data.inputs import missing_stage_inputs
     from versavit.launch import launch_local
 
     cfg = _load(config, overrides)
     if cfg.launch.backend != "local":
         raise ConfigError(f"launch.backend={cfg.launch.backend!r} runs through the pipeline's cluster path; "
                           "use launch.backend=local to train on this machine")
+    if missing := missing_stage_inputs(cfg, stage, f"--config {config}" if config else ""):
+        _fail(f"{stage}: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     result = launch_local(cfg, stage)
     console.print(f"{stage}: {result['steps']} steps done; export at {result['export_url']}")
 
@@ -293,8 +299,10 @@ def pipeline_submit(
 label_app = typer.Typer(no_args_is_help=True, help="Pseudo-label shard datasets with teacher models (stage 0).")
 app.add_typer(label_app, name="label")
 
-LabelInputOpt = typer.Option(..., "--input", "-i", help="input dataset URL (folder with manifest.json)")
-LabelOutputOpt = typer.Option(..., "--output", "-o", help="output dataset URL (same shards, fields added)")
+LabelInputOpt = typer.Option(None, "--input", "-i", help="input dataset URL (folder with manifest.json); default: "
+                             "every dataset of the config this step labels (its place in each label chain)")
+LabelOutputOpt = typer.Option(None, "--output", "-o", help="output dataset URL (same shards, fields added); with "
+                              "--input only")
 ShardIndexOpt = typer.Option(0, "--shard-index", min=0, envvar="JOB_COMPLETION_INDEX",
                              help="this worker's index: it takes shards i, i+n, i+2n, ... "
                              "(a Kubernetes Indexed Job sets it)")
@@ -302,17 +310,33 @@ NumShardsOpt = typer.Option(1, "--num-shards", min=1, help="number of workers sh
 FinalizeOpt = typer.Option(False, "--finalize", help="only write the output manifest (all shards must be done)")
 
 
-def _label(kind: str, config: Path | None, input_url: str, output_url: str, shard_index: int, num_shards: int,
-           finalize: bool, overrides: list[str] | None) -> None:
-    """Run one worker's slice of a labelling job, tracked in MLflow, and print its counts."""
+def _label(kind: str, config: Path | None, input_url: str | None, output_url: str | None, shard_index: int,
+           num_shards: int, finalize: bool, overrides: list[str] | None) -> None:
+    """Run one worker's slice of a labelling job, tracked in MLflow, and print its counts. Without --input: this
+    kind's step on every dataset of the config (the synthetic world's splits, or data.datasets)."""
     from rich.table import Table
 
     from versavit.labeling import finalize_dataset
-    from versavit.stages import label_shards
+    from versavit.stages import dataset_label_chains, label_shards, stage_label_datasets
 
     cfg = _load(config, overrides)
     if shard_index >= num_shards:
         raise ConfigError(f"--shard-index {shard_index} must be < --num-shards {num_shards}")
+    if (input_url is None) != (output_url is None):
+        raise ConfigError("give --input and --output together, or neither (every dataset of the config)")
+    if input_url is None:
+        steps = dataset_label_chains(cfg).get(kind, [])
+        if not steps:
+            raise ConfigError(f"this config has no `{kind}` label step (labeling.use_ground_truth / "
+                              "data.datasets.*.labels); pass --input and --output to label a dataset of your own")
+        if finalize:
+            raise ConfigError("--finalize needs --input and --output")
+        summaries = json.loads(stage_label_datasets(cfg, kind, shard_index, num_shards))
+        for name, summary in summaries.items():
+            console.print(f"{kind} {name}: {summary['samples']} samples labelled, "
+                          f"{summary['shards_already_done']} shard(s) already done; "
+                          f"{summary['manifest'] or 'manifest: not yet (other workers)'}", highlight=False)
+        return
     if finalize:
         manifest, missing = finalize_dataset(kind, input_url, output_url, cfg.labeling)
         if manifest is None:  # a ClickException: main() turns it into exit status 1 with this message

@@ -23,12 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from versavit import storage
 from versavit.config.schema import RunConfig
 from versavit.data.codecs import decode_rle
+from versavit.data.inputs import task_urls
 from versavit.data.loader import CorruptionStats, loader_workers, make_loader, shard_pipeline
 from versavit.data.shards import resolve_shards
-from versavit.layout import labelled_root, synthetic_root
 
 CAPTION_PROMPT = "Describe the image."
 DENSE_PROMPT = "Describe each object from left to right."
@@ -172,23 +171,6 @@ def _worker_skip(worker: int, num_workers: int, batches_done: int, batch_size: i
     # num_workers-th batch starting at w.
     mine = batches_done // num_workers + (1 if worker < batches_done % num_workers else 0)
     return mine * batch_size
-
-
-def task_urls(cfg: RunConfig, task: str, split: str = "train", stage: str | None = None) -> list[str]:
-    """The shard URLs `task` reads in `stage` (its own `data`, else `data.tasks`; the synthetic world when
-    data.source is synthetic)."""
-    if cfg.data.source == "synthetic":
-        # the labelled world (with text embeddings) once the labelling stage has written it
-        labelled = f"{labelled_root(cfg.workdir)}/{split}"
-        if storage.exists(f"{labelled}/manifest.json"):
-            return [labelled]
-        return [f"{synthetic_root(cfg.workdir)}/{split}"]
-    source = cfg.stage_source(stage, task) if stage else cfg.data.tasks.get(task)
-    urls = (source.urls if split == "train" else source.val_urls) if source else []
-    if not urls:
-        where = f"{cfg.train.stage_path(stage)}.data.{task} or data.tasks.{task}" if stage else f"data.tasks.{task}"
-        raise ValueError(f"{where}: no {'urls' if split == 'train' else 'val_urls'} configured")
-    return urls
 
 
 def task_view_fn(cfg: RunConfig, task: str, caption_source: str = "mixed"):  # -> Callable[[dict], dict]
