@@ -203,11 +203,37 @@ def tracking_replay(
               f"{folder}{f' ({sent} sent before)' if sent else ''}: run `versavit tracking replay` again later")
 
 
-def _train(stage: str, config: Path | None, overrides: list[str] | None) -> None:
+def _dry_run(cfg: RunConfig, stage: str) -> None:
+    """Print the PyTorchJob / TrainJob a cluster launch of `stage` would create, as YAML (nothing is created)."""
+    import yaml
+
+    from versavit.launch.base import make_job_name
+
+    if cfg.launch.backend == "local":
+        raise ConfigError("--dry-run prints the cluster job: set launch.backend=pytorchjob or trainjob")
+    name = make_job_name(cfg, stage)
+    config_ref = layout.launch_config_url(cfg, stage, name)
+    if cfg.launch.backend == "pytorchjob":
+        from versavit.launch.pytorchjob import build_pytorchjob
+
+        job = build_pytorchjob(cfg, stage, config_ref, name)
+    else:
+        from versavit.launch.trainjob import build_trainjob
+
+        job = build_trainjob(cfg, stage, config_ref, name)
+    typer.echo(f"# {cfg.launch.backend} for stage {stage!r}; its pods read the config at {config_ref}, which a "
+               "real launch writes first")
+    typer.echo(yaml.safe_dump(job, sort_keys=False), nl=False)
+
+
+def _train(stage: str, config: Path | None, overrides: list[str] | None, dry_run: bool = False) -> None:
     from versavit.data.inputs import missing_stage_inputs
     from versavit.launch import launch_local
 
     cfg = _load(config, overrides)
+    if dry_run:
+        _dry_run(cfg, stage)
+        return
     if cfg.launch.backend != "local":
         raise ConfigError(f"launch.backend={cfg.launch.backend!r} runs through the pipeline's cluster path; "
                           "use launch.backend=local to train on this machine")
@@ -217,28 +243,32 @@ def _train(stage: str, config: Path | None, overrides: list[str] | None) -> None
     console.print(f"{stage}: {result['steps']} steps done; export at {result['export_url']}")
 
 
+DryRunOpt = typer.Option(False, "--dry-run", help="print the PyTorchJob / TrainJob (launch.backend) this stage "
+                         "would create, as YAML, and exit: for review or `kubectl apply --dry-run=server -f -`")
+
+
 @train_app.command("warmup")
-def train_warmup(config: Path = ConfigOpt, overrides: list[str] = OverridesArg) -> None:
+def train_warmup(config: Path = ConfigOpt, overrides: list[str] = OverridesArg, dry_run: bool = DryRunOpt) -> None:
     """Caption warm-up: the projector alone learns to feed the frozen ViT's features to the LLM."""
-    _train("warmup", config, overrides)
+    _train("warmup", config, overrides, dry_run)
 
 
 @train_app.command("multitask")
-def train_multitask(config: Path = ConfigOpt, overrides: list[str] = OverridesArg) -> None:
+def train_multitask(config: Path = ConfigOpt, overrides: list[str] = OverridesArg, dry_run: bool = DryRunOpt) -> None:
     """Multi-task training: ViT + caption/VQA, depth and referring-segmentation heads (DeepSpeed ZeRO-2)."""
-    _train("multitask", config, overrides)
+    _train("multitask", config, overrides, dry_run)
 
 
 @train_app.command("stage")
 def train_stage(name: str = typer.Argument(..., help="a stage of the config's recipe (train.recipe)"),
-                config: Path = ConfigOpt, overrides: list[str] = OverridesArg) -> None:
+                config: Path = ConfigOpt, overrides: list[str] = OverridesArg, dry_run: bool = DryRunOpt) -> None:
     """Any stage of the config's recipe by name, e.g. `train stage coarse --config configs/recipes/sailvit.yaml`."""
     cfg = _load(config, overrides)
     try:
         cfg.train.stage(name)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    _train(name, config, overrides)
+    _train(name, config, overrides, dry_run)
 
 
 @pipeline_app.command("run")
@@ -433,6 +463,64 @@ def eval_command(
         result = run_eval(cfg, trained=trained, baseline=baseline, out_dir=out)
     console.print(Path(result["out_dir"], "comparison.md").read_text(), markup=False, highlight=False)
     console.print(f"report: {result['out_dir']} ({len(result['files'])} files); MLflow run {result['mlflow_run_id']}")
+
+
+# --------------------------------------------------------------------------------------------
+# weights: every checkpoint the run loads, staged once to weights.url (versavit.weights)
+
+weights_app = typer.Typer(no_args_is_help=True, help="Checkpoints staged once to weights.url; pods load them "
+                          "from there with the hub offline.")
+app.add_typer(weights_app, name="weights")
+
+
+def _weights_table(title: str, rows: list[dict], columns: tuple[str, ...]) -> None:
+    from rich.table import Table
+
+    from versavit.weights import human_size
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        cells = {"model": ", ".join(f.rsplit(".", 1)[-1] if f.startswith("labeling.") else f
+                                    for f in row["fields"]) or "-",
+                 "ref": row["ref"], "revision": str(row["revision"])[:12], "size": human_size(row["bytes"]),
+                 "files": str(row["files"]), "staged URL": row["url"], "status": row["status"],
+                 "staged at": row.get("staged_at", "")}
+        table.add_row(*(escape(cells[c]) for c in columns))
+    console.print(table)
+
+
+@weights_app.command("stage")
+def weights_stage(config: Path = ConfigOpt, overrides: list[str] = OverridesArg) -> None:
+    """Copy every model the run loads (backbone, LLM, tokenizer, teachers, baseline) from the hub or a local
+    folder to weights.url, once: complete copies of the same revision are skipped. A gated model needs a hub
+    token in $HF_TOKEN (weights.hub_token_env)."""
+    from versavit import weights
+
+    cfg = _load(config, overrides)
+    with progress_bar() as bar:
+        rows = weights.stage_weights(cfg, progress=per_name(bar, "stage"))
+    _weights_table(f"weights staged at {cfg.weights.url}", rows,
+                   ("model", "ref", "revision", "size", "staged URL", "status"))
+    copied = sum(r["status"] == "copied" for r in rows)
+    console.print(f"{len(rows)} model(s): {copied} copied, {len(rows) - copied} already staged; "
+                  f"{weights.human_size(sum(r['bytes'] for r in rows))} at {cfg.weights.url}", highlight=False)
+
+
+@weights_app.command("list")
+def weights_list(config: Path = ConfigOpt, overrides: list[str] = OverridesArg) -> None:
+    """What is staged under weights.url (from the records), and which of the run's models are not yet;
+    exit 1 if one is missing."""
+    from versavit import weights
+
+    cfg = _load(config, overrides)
+    rows = weights.list_staged(cfg)
+    _weights_table(f"weights at {cfg.weights.url}", rows,
+                   ("model", "ref", "revision", "size", "files", "staged at", "status"))
+    if missing := [r for r in rows if r["status"] != "staged" and r["fields"]]:
+        _fail(f"{len(missing)} model(s) of this run not staged ({', '.join(r['ref'] for r in missing)}): run "
+              "`versavit weights stage`")
 
 
 # an OSError with one of these on a path: the output cannot go there (not a bug, no traceback)
