@@ -9,6 +9,7 @@ beyond creating local report folders).
       stages/<stage>[-<variant>]/         a training stage                          stage_url
         checkpoints/  export/  stage.json                                           stage_manifest_url, export_url
         lease.json                        which run writes the stage now            lease_url
+      launch/<stage>/<job>.yaml           the config a cluster job's pods read      launch_config_url
         exports/<hash>-<step>/backbone    immutable copy of a registered version    version_export_url
       reports/<name>/                     figures, tables, logs, metrics.jsonl      reports_dir, metrics_log
       cache/eval/                         cached features, downloaded exports       eval_cache_dir
@@ -87,6 +88,11 @@ def lease_url(cfg: RunConfig, stage: str, variant: str = "") -> str:
     return storage.join(stage_url(cfg, stage, variant), "lease.json")
 
 
+def launch_config_url(cfg: RunConfig, stage: str, job_name: str) -> str:
+    """Where a cluster launch publishes the resolved config its pods read: `<workdir>/launch/<stage>/<job>.yaml`."""
+    return storage.join(cfg.workdir, "launch", stage, f"{job_name}.yaml")
+
+
 def version_export_url(cfg: RunConfig, stage: str, variant: str, key: str) -> str:
     """An immutable copy of a stage's backbone export, `<stage url>/exports/<key>/` (key: `<config hash>-<step>`):
     what a registered model version points at (export/ is overwritten by the next run)."""
@@ -153,15 +159,16 @@ def model_ref_kind(ref: str) -> str:
 
 
 def weights_url(cfg: RunConfig, ref: str) -> str:
-    """Where `ref` is staged: `<weights.url>/<hub id>`, or `<weights.url>/local/<folder name>-<8 hex of its
-    absolute path>` for a local folder. Requires `weights.url`."""
+    """Where `ref` is staged: `<weights.url>/<hub id>`, or `<weights.url>/local/<folder name>-<8 hex of the path
+    as configured>` for a local folder (a function of the config alone: every process resolves it alike).
+    Requires `weights.url`."""
     if not cfg.weights.url:
         raise ValueError("weights.url is not set: there is no staged copy of any model")
     if model_ref_kind(ref) == "hub":
         return storage.join(cfg.weights.url, ref)
-    path = Path(os.path.expanduser(ref.removeprefix("file://"))).resolve()
-    digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
-    return storage.join(cfg.weights.url, "local", f"{path.name or 'model'}-{digest}")
+    path = ref.removeprefix("file://").rstrip("/")
+    digest = hashlib.sha256(path.encode()).hexdigest()[:8]
+    return storage.join(cfg.weights.url, "local", f"{Path(path).name or 'model'}-{digest}")
 
 
 def weights_record_url(staged_url: str) -> str:
