@@ -30,4 +30,5 @@ def test_dry_run_prints_a_valid_job_of_the_configured_backend(backend: str, kind
 def test_dry_run_of_a_local_config_is_a_usage_error() -> None:
     res = dry_run("warmup", "--config", "configs/tiny.yaml")
     assert res.returncode == 2
-    assert res.stderr.count("\n") + res.stdout.count("\n") <= 1 and "launch.backend=pytorchjob" in res.stderr + res.stdout
+    out = res.stderr + res.stdout
+    assert out.count("\n") <= 1 and "launch.backend=pytorchjob" in out
