@@ -41,6 +41,10 @@ def _cluster_settings(task: dsl.PipelineTask, cfg: RunConfig, gpus: bool | int =
     = launch.resources.gpus_per_node, or a count."""
     from kfp import kubernetes
 
+    from versavit.weights import pod_env
+
+    for name, value in pod_env(cfg).items():  # e.g. the hub offline once weights are staged
+        task.set_env_variable(name, value)
     by_secret: dict[str, dict[str, str]] = {}
     for env, ref in cfg.launch.secret_env.items():
         secret, key = ref.split("/", 1)
@@ -95,6 +99,7 @@ def _weights_and_datasets(c, cfg: RunConfig, config_json, parent, run_id) -> lis
             secret, key = cfg.weights.hub_token_secret.split("/", 1)
             kubernetes.use_secret_as_env(staged, secret_name=secret, secret_key_to_env={key: cfg.weights.hub_token_env})
         last = [_cluster_settings(staged, cfg)]
+        staged.set_env_variable("HF_HUB_OFFLINE", "0")  # the one step that reads the hub
     workers = cfg.labeling.workers
     datasets = cfg.data.datasets.values()
     steps: list[tuple[str, Callable]] = []

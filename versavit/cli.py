@@ -126,16 +126,124 @@ def data_synth(
                       f"(digest {m.digest[:12]})")
 
 
+def _source_names(text: str | None) -> list[str]:
+    """`a,b` -> ["a", "b"]; every name must be a `data prepare` source (exit 2 with the closest names)."""
+    from versavit.data.prepare.runner import get_source
+
+    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    for name in names:
+        get_source(name)
+    return names
+
+
+@data_app.command("prepare")
+def data_prepare(
+    source: str = typer.Argument(..., help="the source: a training set (objects365, grit, sa1b, refcoco, refcoco+, "
+                                 "refcocog, pixmo-cap, idl-wds, finevision, sa1b-internvl, images) or a benchmark "
+                                 "(ade20k, voc2012, cityscapes, nyuv2, kitti)", show_default=False),
+    input_url: str = typer.Option(..., "--input", "-i", help="the source's published layout: a folder or URL"),
+    output_url: str = typer.Option(..., "--output", "-o", help="dataset URL for the shards (with several --split: "
+                                   "<output>/<split> each)"),
+    split: str | None = typer.Option(None, "--split", help="split(s), comma-separated (default: the source's first)"),
+    shard_index: int = typer.Option(0, "--shard-index", min=0, envvar="JOB_COMPLETION_INDEX",
+                                    help="this worker's index: it takes output shards i, i+n, i+2n, ... "
+                                    "(a Kubernetes Indexed Job sets it)"),
+    num_shards: int = typer.Option(1, "--num-shards", min=1, help="number of workers sharing the job"),
+    units_per_shard: int | None = typer.Option(None, "--units-per-shard", min=1,
+                                               help="input units per output shard (default: the source's)"),
+    relist: bool = typer.Option(False, "--relist", help="list the input again even when the output is complete "
+                                "(redoes only shards whose input changed)"),
+    config: Path | None = ConfigOpt,
+    overrides: list[str] = OverridesArg,
+) -> None:
+    """Convert a published dataset into versavit shards + manifest.json; sharded across workers and resumable
+    (done records per shard; a finished dataset with the same settings is a no-op)."""
+    from rich.table import Table
+
+    from versavit.data.prepare.runner import get_source, prepare_splits
+
+    src = get_source(source)  # an unknown name is a usage error before anything loads
+    splits = [s.strip() for s in (split or "").split(",") if s.strip()] or None
+    cfg = _load(config, overrides)
+    if shard_index >= num_shards:
+        raise ConfigError(f"--shard-index {shard_index} must be < --num-shards {num_shards}")
+    with progress_bar() as bar:
+        summaries = prepare_splits(src.name, input_url, output_url, splits, shard_index=shard_index,
+                                   num_shards=num_shards, progress=per_name(bar, "prepare"),
+                                   max_corrupt_fraction=cfg.data.max_corrupt_fraction,
+                                   units_per_shard=units_per_shard, relist=relist)
+    for name, summary in summaries.items():
+        table = Table(title=f"prepare {src.name} {name}: worker {shard_index}/{num_shards}", show_header=False)
+        table.add_row("output", summary["output"])
+        for key in ("shards_total", "shards_mine", "shards_already_done"):
+            table.add_row(key, str(summary[key]))
+        table.add_row("shards_processed", str(len(summary["shards_processed"])))
+        table.add_row("samples written", str(summary["samples"]))
+        for key, value in summary["counts"].items():
+            if key != "samples":
+                table.add_row(key, str(value))
+        if summary["noop"]:
+            table.add_row("manifest", f"{summary['manifest']} (already complete: {summary['num_samples']} samples)")
+        else:
+            table.add_row("manifest", f"{summary['manifest']} ({summary['num_samples']} samples)" if summary["manifest"]
+                          else f"not yet ({len(summary['shards_missing'])} shard(s) missing)")
+        console.print(table)
+
+
+@data_app.command("fixtures")
+def data_fixtures(
+    out: Path = typer.Option(Path("runs/fixtures"), "--out", help="folder: one <source>/ stand-in per source "
+                             "(configs/rehearsal.yaml reads runs/fixtures)"),
+    only: str | None = typer.Option(None, "--only", help="comma-separated sources (default: all)"),
+    seed: int = typer.Option(0, "--seed", help="synthetic world seed"),
+    weights: bool = typer.Option(True, "--weights/--no-weights", help="also write tiny random teachers (depth, "
+                                 "SAM, a Qwen2-VL describer, a text embedder) to <out>/weights/"),
+) -> None:
+    """Write tiny stand-ins of every `data prepare` source in its published on-disk layout, rendered from the
+    synthetic world (exact labels), for tests and rehearsals: `data prepare NAME --input DIR/NAME`."""
+    from rich.table import Table
+
+    from versavit.data.prepare import SOURCES
+
+    names = _source_names(only) or list(SOURCES)
+    if weights:
+        from versavit.labeling.tiny import save_tiny_teachers
+
+        for name, path in save_tiny_teachers(out / "weights", seed).items():
+            console.print(f"teacher {name}: {path}", highlight=False)
+    table = Table(title=f"fixtures in {out}")
+    for column in ("source", "files", "bytes"):
+        table.add_column(column, justify="left" if column == "source" else "right")
+    with progress_bar() as bar:
+        task = bar.add_task("fixtures", total=len(names))
+        for name in names:
+            folder = out / name
+            folder.mkdir(parents=True, exist_ok=True)
+            SOURCES[name].write_fixture(folder, seed)
+            files = [p for p in folder.rglob("*") if p.is_file()]
+            table.add_row(name, str(len(files)), str(sum(p.stat().st_size for p in files)))
+            bar.advance(task)
+    console.print(table)
+
+
 @data_app.command("check")
 def data_check(
     url: str = typer.Argument(..., help="dataset URL (a folder or s3://bucket/prefix with manifest.json)"),
     sample_fraction: float = typer.Option(1.0, "--sample-fraction", min=0.0, max=1.0,
-                                          help="fraction of shards to hash and read (all: 1.0)"),
+                                          help="fraction of shards to hash and read (all: 1.0; 0: check the "
+                                               "shards' presence and sizes only)"),
+    tasks: list[str] = typer.Option(None, "--task", show_default=False,
+                                    help="a task whose needs each sample must meet: caption, depth or refseg "
+                                         "(repeatable; default: the tasks the samples carry data for)"),
 ) -> None:
-    """Check a dataset against its manifest: missing shards, sha256 mismatches, lost samples per shard."""
-    from versavit.data.check import check_dataset
+    """Check a dataset against its manifest: missing shards, sha256 mismatches, lost samples per shard, and
+    per task the samples it cannot use (a member it reads missing or undecodable)."""
+    from versavit.data.check import TASKS, check_dataset
 
-    report = check_dataset(url, sample_fraction)
+    if unknown := [t for t in tasks or [] if t not in TASKS]:
+        raise typer.BadParameter(f"{', '.join(map(repr, unknown))} is not a task: choose from {', '.join(TASKS)}",
+                                 param_hint="'--task'")
+    report = check_dataset(url, sample_fraction, tasks or None)
     for line in report.lines():
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     if not report.ok:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from versavit import layout, storage
+from versavit import layout, storage, weights
 from versavit.config import RunConfig, config_hash, config_to_dict
 from versavit.tracking import make_tracker, replay_pending, run_tags, set_run_context, stage_run
 
@@ -69,51 +69,58 @@ def stage_data_check(cfg: RunConfig, dataset_url: str, parent_run_id: str | None
 
 
 def label_kinds(cfg: RunConfig) -> list[str]:
-    """What the synthetic world needs from the teachers: embeddings always (it has none); depth and
-    masks only when the config asks to replace its exact ground truth by teacher labels."""
-    return ["embed"] if cfg.labeling.use_ground_truth else ["depth", "masks", "embed"]
+    """The label steps of the run (`RunConfig.label_kinds`): for the synthetic world embeddings always (it has
+    none), depth and masks only when the config asks to replace its exact ground truth by teacher labels."""
+    return cfg.label_kinds()
 
 
 def stage_label(cfg: RunConfig, dataset_url: str, parent_run_id: str | None = None,
                 kfp_run_id: str | None = None) -> str:
-    """Run the labelling steps over both splits; returns the labelled dataset root URL."""
+    """Run the labelling steps over both splits of the synthetic world at `dataset_url`; returns the labelled
+    dataset root URL."""
     from versavit.labeling.jobs import label_dataset
     from versavit.progress import per_name, progress_bar
 
     set_run_context(parent_run_id, kfp_run_id)
-    out_root = layout.labelled_root(cfg.workdir)
-    kinds = label_kinds(cfg)
+    cfg = weights.resolve(cfg)  # models from their staged copies (weights.url); idempotent
     with stage_run(cfg, "label") as (tracker, run):
         tracker.log_config(run, {"labeling": cfg.labeling.model_dump(mode="json")})
-        for split in ("train", "val"):
-            source = storage.join(dataset_url, split)
-            for i, kind in enumerate(kinds):
-                # chained steps: each adds its fields; the last writes the labelled dataset
-                target = storage.join(out_root, split) if i == len(kinds) - 1 else \
-                    layout.label_step_url(cfg.workdir, kind, split)
+        for kind, steps in dataset_label_chains(cfg, dataset_url).items():
+            for name, source, target in steps:
                 with progress_bar() as bar:
                     counts = label_dataset(kind, source, target, cfg.labeling, progress=per_name(bar, kind),
                                            tracker=tracker, run=run,
                                            max_corrupt_fraction=cfg.data.max_corrupt_fraction)
-                tracker.log_metrics(run, {f"label/{split}_{kind}_{k}": v for k, v in counts.items()
-                                          if isinstance(v, int | float) and not isinstance(v, bool)}, step=0)
-                source = target
-        tracker.set_tags(run, {"versavit.output_url": out_root})
-    return out_root
+                _log_counts(tracker, run, f"label/{name.removeprefix('synthetic-')}_{kind}", counts)
+        tracker.set_tags(run, {"versavit.output_url": layout.labelled_root(cfg.workdir)})
+    return layout.labelled_root(cfg.workdir)
 
 
-def dataset_label_chains(cfg: RunConfig) -> dict[str, list[tuple[str, str, str]]]:
-    """kind -> [(dataset, input URL, output URL)] for every `data.datasets` entry with labels: each kind reads
-    what the previous one wrote (first: the prepared shards), the last writes the entry's `labelled`."""
-    chains: dict[str, list[tuple[str, str, str]]] = {}
-    for name, spec in cfg.data.datasets.items():
-        source = spec.url
-        for i, kind in enumerate(spec.labels):
-            target = spec.labelled if i == len(spec.labels) - 1 else layout.dataset_label_step_url(cfg.workdir, name,
-                                                                                                   kind)
-            chains.setdefault(kind, []).append((name, source, str(target)))
-            source = str(target)
-    return chains
+def dataset_label_chains(cfg: RunConfig, synthetic_url: str | None = None) -> dict[str, list[tuple[str, str, str]]]:
+    """kind -> [(dataset, input URL, output URL)], kinds in the order they run: each reads what the previous one
+    wrote, the last writes the labelled dataset. data.source shards: every `data.datasets` entry with labels
+    (first input: its prepared shards; last output: its `labelled`); synthetic: both splits of the world
+    (`synthetic_url`, default the run's) through `label_kinds(cfg)` into the run's labelled root."""
+    from versavit.config.schema import LABEL_KINDS
+
+    if cfg.data.source == "synthetic":
+        root = synthetic_url or layout.synthetic_root(cfg.workdir)
+        kinds = label_kinds(cfg)
+        entries = [(f"synthetic-{split}", storage.join(root, split), kinds,
+                    storage.join(layout.labelled_root(cfg.workdir), split),
+                    lambda kind, split=split: layout.label_step_url(cfg.workdir, kind, split))
+                   for split in ("train", "val")]
+    else:
+        entries = [(name, spec.url, spec.labels, str(spec.labelled),
+                    lambda kind, name=name: layout.dataset_label_step_url(cfg.workdir, name, kind))
+                   for name, spec in cfg.data.datasets.items() if spec.labels]
+    chains: dict[str, list[tuple[str, str, str]]] = {k: [] for k in LABEL_KINDS}
+    for name, source, kinds, labelled, step_url in entries:
+        for i, kind in enumerate(kinds):
+            target = labelled if i == len(kinds) - 1 else step_url(kind)
+            chains[kind].append((name, source, target))
+            source = target
+    return {k: v for k, v in chains.items() if v}
 
 
 def _log_counts(tracker: Any, run: Any, prefix: str, counts: dict[str, Any]) -> None:
@@ -158,6 +165,7 @@ def stage_label_datasets(cfg: RunConfig, kind: str, shard_index: int = 0, num_sh
     from versavit.progress import per_name, progress_bar
 
     set_run_context(parent_run_id, kfp_run_id)
+    cfg = weights.resolve(cfg)  # models from their staged copies (weights.url); idempotent
     storage.configure(cfg.storage)
     summaries: dict[str, Any] = {}
     tags = {"versavit.shard_index": str(shard_index), "versavit.num_shards": str(num_shards)}
@@ -179,6 +187,8 @@ def label_shards(cfg: RunConfig, kind: str, input_url: str, output_url: str, sha
     from versavit.data.shards import read_manifest
     from versavit.labeling.jobs import label_dataset
     from versavit.progress import progress_bar
+
+    cfg = weights.resolve(cfg)  # models from their staged copies (weights.url); idempotent
 
     tags = {"versavit.shard_index": str(shard_index), "versavit.num_shards": str(num_shards),
             "versavit.label.input": input_url, "versavit.label.output": output_url}
@@ -205,16 +215,21 @@ def stage_train(cfg: RunConfig, stage: str, variant: str = "", parent_run_id: st
 
     A finished stage with the same config is reused; an interrupted one resumes from its checkpoint.
     """
+    from versavit.data.inputs import missing_stage_inputs
     from versavit.launch import get_launcher
 
     cfg.train.stage(stage)  # an unknown name fails here, before anything is launched
     set_run_context(parent_run_id, kfp_run_id)
+    cfg = weights.resolve(cfg)  # as the ranks resolve it (train.entry): the same config hash
     storage.configure(cfg.storage)
     manifest_url = layout.stage_manifest_url(cfg, stage, variant)
     if storage.exists(manifest_url):
         done = json.loads(storage.read_text(manifest_url))
         if done.get("config_hash") == config_hash(cfg):
             return manifest_url
+    if missing := missing_stage_inputs(cfg, stage):  # before any job or process starts
+        raise storage.StorageError(f"{layout.run_name(stage, variant)}: {missing[0]}"
+                                   + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""), kind="missing")
     get_launcher(cfg).launch(cfg, stage, variant=variant)  # local torchrun, PyTorchJob or TrainJob
     return manifest_url
 
@@ -239,3 +254,30 @@ def stage_eval_manifests(cfg: RunConfig, manifests: list[str], parent_run_id: st
         stage = json.loads(storage.read_text(url))
         exports[stage["variant"]] = stage["export_url"]
     return stage_eval(cfg, exports, parent_run_id, kfp_run_id)
+
+
+def stage_weights(cfg: RunConfig, parent_run_id: str | None = None, kfp_run_id: str | None = None) -> str:
+    """Stage every checkpoint the run loads to `weights.url` once (`versavit.weights.stage_weights`: copies that
+    are complete with the same source and revision are skipped); logs each model's revision and staged URL
+    (params) and size (metric, bytes). Returns `weights.url` ("" when unset: models load as configured)."""
+    from versavit.progress import per_name, progress_bar
+
+    set_run_context(parent_run_id, kfp_run_id)
+    storage.configure(cfg.storage)
+    if not cfg.weights.url:
+        return ""
+    with stage_run(cfg, "weights", tags={"versavit.weights.url": cfg.weights.url}) as (tracker, run):
+        with progress_bar() as bar:
+            rows = weights.stage_weights(cfg, progress=per_name(bar, "stage"))
+        tracker.log_config(run, {"weights": {row["ref"]: {"revision": row["revision"], "url": row["url"],
+                                                          "fields": ",".join(row["fields"])} for row in rows}})
+        metrics: dict[str, float] = {}
+        for row in rows:
+            key = row["ref"].strip("/").replace("/", "_")
+            metrics[f"weights/{key}_bytes"] = row["bytes"]
+            metrics[f"weights/{key}_files"] = row["files"]
+            metrics[f"weights/{key}_copied"] = float(row["status"] == "copied")
+        metrics["weights/total_bytes"] = sum(r["bytes"] for r in rows)
+        metrics["weights/copied"] = sum(r["status"] == "copied" for r in rows)
+        tracker.log_metrics(run, metrics, step=0)
+    return cfg.weights.url

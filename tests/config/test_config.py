@@ -33,7 +33,10 @@ def test_paper_config_has_recipe_numbers() -> None:
     assert (tr.loss.seg_bce, tr.loss.seg_dice, tr.loss.depth_gm, tr.loss.gm_scales) == (2.0, 0.5, 0.5, 4)
     assert (tr.optim.weight_decay, tr.optim.warmup_ratio, tr.optim.grad_clip) == (0.05, 0.03, 1.0)
     assert mt.loss_weights == pytest.approx({"caption": 1 / 3, "depth": 1 / 3, "refseg": 1 / 3})
-    assert cfg.eval.benchmarks == ["ade20k", "cityscapes", "voc", "nyu", "kitti", "refcoco"]
+    assert [b.split("=")[0] for b in cfg.eval.benchmarks] == ["ade20k", "cityscapes", "voc", "nyu", "kitti", "refcoco"]
+    # read from the shards the pipeline prepares (data.datasets), in object storage
+    prepared = {d.url for d in cfg.data.datasets.values()}
+    assert all(b.split("=", 1)[1] in prepared and b.split("=", 1)[1].startswith("s3://") for b in cfg.eval.benchmarks)
     assert cfg.model.backbone.embed_dim == 1280 and cfg.model.backbone.depth == 32
     assert cfg.train.zero_stage == 2 and cfg.train.precision == "bf16"
     assert cfg.launch.backend == "pytorchjob" and cfg.launch.nnodes * cfg.launch.nproc_per_node == 128

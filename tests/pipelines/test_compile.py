@@ -92,6 +92,11 @@ def test_paper_pipeline_stages_weights_prepares_and_labels_before_training(tmp_p
         resources = executor["container"].get("resources", {})
         gpus = resources.get("accelerator", {}).get("resourceCount")
         assert gpus == ("1" if name.startswith("label") else None), (name, resources)
+    # weights staged once: every step but the weights step loads with the hub offline
+    env = {name: {e["name"]: e["value"] for e in ex["container"].get("env", [])}
+           for name, ex in spec["deploymentSpec"]["executors"].items()}
+    assert env.pop("exec-weights")["HF_HUB_OFFLINE"] == "0"
+    assert env and all(e.get("HF_HUB_OFFLINE") == "1" for e in env.values())
     # what the label steps label, in order, for two datasets of different chains
     from versavit.config.schema import LABEL_KINDS
     from versavit.stages import dataset_label_chains

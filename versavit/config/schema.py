@@ -582,6 +582,14 @@ class RunConfig(Strict):
             raise ValueError("must not carry credentials (user:secret@); set them as env variables")
         return v
 
+    def label_kinds(self) -> list[str]:
+        """The pseudo-label steps this run runs, in LABEL_KINDS order: the synthetic world's (embeddings; depth
+        and masks too when teacher labels replace its exact ground truth), or those `data.datasets` list."""
+        if self.data.source == "synthetic":
+            return ["embed"] if self.labeling.use_ground_truth else ["depth", "masks", "embed"]
+        used = {k for d in self.data.datasets.values() for k in d.labels}
+        return [k for k in LABEL_KINDS if k in used]
+
     def stage_source(self, stage: str, task: str) -> DataSource:
         """The shards stage `stage` reads for `task`: its own `data`, else `data.tasks`."""
         own = self.train.stage(stage).data.get(task)  # type: ignore[call-overload]

@@ -37,8 +37,10 @@ SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("refseg", "Referring segmentation, multi-task head (paper Table 10)", ("refseg/ciou", "refseg/miou")),
 )
 BENCHMARK_LABELS = {"synthetic": "Synthetic", "ade20k": "ADE20k", "voc": "VOC", "cityscapes": "Cityscapes",
-                    "nyu": "NYUv2", "kitti": "KITTI", "refcoco": "RefCOCO", "refcoco+": "RefCOCO+",
-                    "refcocog": "RefCOCOg"}
+                    "nyu": "NYUv2", "kitti": "KITTI", "refcoco": "RefCOCO val", "refcoco+": "RefCOCO+ val",
+                    "refcocog": "RefCOCOg val", "refcoco-testA": "RefCOCO testA", "refcoco-testB": "RefCOCO testB",
+                    "refcoco+-testA": "RefCOCO+ testA", "refcoco+-testB": "RefCOCO+ testB",
+                    "refcocog-test": "RefCOCOg test"}
 
 
 def _finite(v: Any) -> bool:

@@ -36,15 +36,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from versavit import storage
+from versavit import storage, weights
 from versavit.config import RunConfig, config_to_dict
 from versavit.eval import report
-from versavit.eval.datasets import Benchmark, open_benchmark
+from versavit.eval.datasets import Benchmark, open_benchmarks
 from versavit.eval.features import backbone_digest, cached_features
 from versavit.eval.probe import ProbeSettings, train_depth_probe, train_seg_probe
 from versavit.eval.refseg import RefSegSkipped, evaluate_refseg
 from versavit.eval.zeroshot import evaluate_zeroshot_depth
-from versavit.layout import eval_cache_dir, metrics_log, metrics_log_of_export, reports_dir
+from versavit.layout import eval_cache_dir, metrics_log, metrics_log_of_export, reports_dir, weights_record_url
 from versavit.models.backbone import VisionBackbone
 from versavit.models.precision import precision_dtype, resolve_precision
 from versavit.tracking import stage_run
@@ -70,18 +70,10 @@ class Candidate:
 
 
 def _local_copy(url: str, cache: Path) -> Path:
-    """A local folder for `url` (s3:// folders are copied once into the cache)."""
+    """A local folder for `url` (s3:// folders are copied once into the cache, safely across processes)."""
     if not storage.is_remote(url):
         return Path(url.removeprefix("file://"))
-    dest = cache / "exports" / hashlib.sha256(url.encode()).hexdigest()[:16]
-    if not (dest / ".complete").is_file():
-        fs, path = storage.get_fs(url)
-        try:
-            fs.get(path.rstrip("/") + "/", str(dest) + "/", recursive=True)
-        except Exception as exc:
-            raise storage.describe_error(url, exc) from exc
-        (dest / ".complete").write_text(url)
-    return dest
+    return weights.cached_copy(url, cache / "exports" / hashlib.sha256(url.encode()).hexdigest()[:16])
 
 
 def resolve_candidate(name: str, spec: str | VisionBackbone | Candidate, cache: Path) -> Candidate:
@@ -90,6 +82,8 @@ def resolve_candidate(name: str, spec: str | VisionBackbone | Candidate, cache: 
         return spec
     if isinstance(spec, VisionBackbone):
         return Candidate(name, "in-memory backbone", backbone=spec)
+    if storage.is_remote(spec) and storage.exists(weights_record_url(spec)):
+        return Candidate(name, spec)  # a staged checkpoint: from_pretrained copies it into the node's model cache
     local = _local_copy(spec, cache) if storage.is_remote(spec) else Path(spec)
     if (local / "versavit.json").is_file():
         heads = tuple(h for h in json.loads((local / "versavit.json").read_text())["heads"] if h != "caption")
@@ -104,6 +98,7 @@ def resolve_candidate(name: str, spec: str | VisionBackbone | Candidate, cache: 
 
 def baseline_candidate(cfg: RunConfig) -> Candidate:
     """The backbone the multi-task stage started from (see the module docstring for the rules)."""
+    cfg = weights.resolve(cfg)  # staged checkpoints (weights.url) instead of hub ids
     cache = eval_cache_dir(cfg)
     if cfg.eval.baseline_backbone:
         return resolve_candidate("baseline", cfg.eval.baseline_backbone, cache)
@@ -225,6 +220,7 @@ def compare_backbones(backbones: Mapping[str, str | VisionBackbone | Candidate],
     """
     if not backbones:
         raise ValueError("compare_backbones needs at least one backbone")
+    cfg = weights.resolve(cfg)  # the text embedder from its staged copy (weights.url)
     storage.configure(cfg.storage)
     cache = eval_cache_dir(cfg)
     candidates = [resolve_candidate(name, spec, cache) for name, spec in backbones.items()]
@@ -234,7 +230,7 @@ def compare_backbones(backbones: Mapping[str, str | VisionBackbone | Candidate],
     if reference not in backbones:
         raise ValueError(f"reference {reference!r} is not one of {list(backbones)}")
     specs = benchmarks or list(cfg.eval.benchmarks)
-    benches = [open_benchmark(spec, cfg.workdir) for spec in specs]
+    benches = [b for spec in specs for b in open_benchmarks(spec, cfg.workdir)]  # RefCOCO: one per split
     settings = ProbeSettings.from_config(cfg.eval)
     out = Path(out_dir) if out_dir else reports_dir(cfg, stage)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from versavit.labeling.runtime import chunks, inference_dtype, load_failed, resolve_device
+from versavit.weights import local_model_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,8 +58,9 @@ class DepthTeacher:
         self.batch_size = batch_size
         self.device = resolve_device(device)
         self.dtype = inference_dtype(self.device, dtype)
+        path = local_model_path(model_id)  # a staged s3:// checkpoint: this node's copy
         try:
-            model = DepthAnythingForDepthEstimation.from_pretrained(model_id, dtype=self.dtype)
+            model = DepthAnythingForDepthEstimation.from_pretrained(path, dtype=self.dtype)
         except Exception as exc:
             raise load_failed("depth", model_id, exc) from exc
         self.model = model.to(self.device).eval()

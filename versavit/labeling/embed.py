@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from versavit.labeling.runtime import inference_dtype, load_failed, resolve_device
+from versavit.weights import local_model_path
 
 BUNDLED_ALIASES = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
 
@@ -43,7 +44,7 @@ class TextEmbedder:
         self.batch_size = batch_size
         self.device = resolve_device(device)
         self.dtype = inference_dtype(self.device, dtype)
-        path = resolve_embedder(model_id)
+        path = resolve_embedder(local_model_path(model_id))  # a staged s3:// checkpoint: this node's copy
         try:
             model = SentenceTransformer(path, device=str(self.device))
         except Exception as exc:

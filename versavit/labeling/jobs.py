@@ -42,6 +42,11 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from versavit import storage
 from versavit.config.schema import LabelingConfig
 from versavit.data import codecs
+from versavit.data.done import done_names as _done_names
+from versavit.data.done import done_url, manifest_from_records
+from versavit.data.done import output_shards as _output_shards
+from versavit.data.done import read_done_records as _read_records
+from versavit.data.done import remove_stale_manifest as _remove_stale_manifest
 from versavit.data.loader import CorruptionStats, open_shards
 from versavit.data.shards import MANIFEST, Manifest, ShardInfo, ShardWriter, read_manifest
 from versavit.labeling.describe import CLASS_LABEL, Region, class_label, load_describer
@@ -49,7 +54,6 @@ from versavit.labeling.describe import CLASS_LABEL, Region, class_label, load_de
 log = logging.getLogger(__name__)
 
 KINDS: tuple[str, ...] = ("depth", "masks", "describe", "embed")
-DONE_DIR = "done"
 IMAGE_FIELDS = ("rgb.jpg", "rgb.png", "jpg", "jpeg", "png")
 _ONE_SHARD = 2**31  # a ShardWriter that never rolls over: output shard i = input shard i
 
@@ -339,10 +343,6 @@ def make_labeler(kind: str, cfg: LabelingConfig, teacher: Any = None) -> Labeler
 # ------------------------------------------------------------------------------------ shards
 
 
-def done_url(output_url: str, index: int) -> str:
-    return storage.join(output_url, DONE_DIR, f"shard-{index:06d}.json")
-
-
 def _read_items(url: str, stats: CorruptionStats) -> Iterator[Item]:
     """Raw samples of one shard plus their decoded view; undecodable ones are skipped and counted."""
 
@@ -415,40 +415,6 @@ def _record_valid(record: dict | None, shard: ShardInfo, signature: dict, output
             and (record.get("shard") is None or record["shard"] in outputs))
 
 
-def _done_names(output_url: str) -> set[str]:
-    return {u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(output_url, DONE_DIR), ".json")}
-
-
-def _read_records(output_url: str, indices: list[int], present: set[str] | None = None) -> dict[int, dict]:
-    """Done records of `indices` that exist (one listing, then one read per present record)."""
-    present = _done_names(output_url) if present is None else present
-    records: dict[int, dict] = {}
-    for i in indices:
-        if f"shard-{i:06d}.json" in present:
-            try:
-                records[i] = json.loads(storage.read_text(done_url(output_url, i)))
-            except (storage.StorageError, json.JSONDecodeError) as exc:
-                if isinstance(exc, storage.StorageError) and exc.fatal:
-                    raise
-                log.warning("ignoring unreadable done record of shard %d: %s", i, exc)
-    return records
-
-
-def _output_shards(output_url: str) -> set[str]:
-    return {u.rsplit("/", 1)[-1] for u in storage.list_files(output_url, ".tar")}
-
-
-def _remove_stale_manifest(output_url: str) -> None:
-    """A manifest from an earlier, different labelling would point at shards about to change."""
-    url = storage.join(output_url, MANIFEST)
-    if storage.exists(url):
-        fs, path = storage.get_fs(url)
-        try:
-            fs.rm(path)
-        except Exception as exc:
-            raise storage.describe_error(url, exc) from exc
-
-
 # ------------------------------------------------------------------------------------ jobs
 
 
@@ -478,16 +444,7 @@ def finalize_dataset(kind: str, input_url: str, output_url: str, labeling_cfg: L
     labels = dict(source.meta.get("labels") or {})
     labels[kind] = {**signature, "input": input_url.rstrip("/"), "input_digest": source.digest,
                     "counts": dict(sorted(totals.items()))}
-    manifest = Manifest(
-        name=f"{source.name}+{kind}",
-        num_samples=sum(r["num_samples"] for r in ordered),
-        shards=[ShardInfo(r["shard"], r["num_samples"], r["sha256"], r["bytes"]) for r in ordered if r["shard"]],
-        fields=sorted({f for r in ordered for f in r["fields"]}),
-        meta={**source.meta, "labels": labels},
-        created=max(r["finished"] for r in ordered) if ordered else 0.0,  # same bytes from any finisher
-        url=output_url.rstrip("/"),
-    )
-    storage.write_text(storage.join(output_url, MANIFEST), manifest.to_json())
+    manifest = manifest_from_records(f"{source.name}+{kind}", ordered, {**source.meta, "labels": labels}, output_url)
     return manifest, []
 
 

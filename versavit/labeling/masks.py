@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from versavit.labeling.runtime import chunks, inference_dtype, load_failed, resolve_device
+from versavit.weights import local_model_path
 
 
 class MaskTeacher:
@@ -28,10 +29,11 @@ class MaskTeacher:
         self.batch_size = batch_size
         self.device = resolve_device(device)
         self.dtype = inference_dtype(self.device, dtype)
+        path = local_model_path(model_id)  # a staged s3:// checkpoint: this node's copy
         try:
             # Without torchvision, transformers picks the PIL backend of SAM's image processor.
-            self.processor = SamProcessor.from_pretrained(model_id)
-            model = SamModel.from_pretrained(model_id, dtype=self.dtype)
+            self.processor = SamProcessor.from_pretrained(path)
+            model = SamModel.from_pretrained(path, dtype=self.dtype)
         except Exception as exc:
             raise load_failed("mask", model_id, exc) from exc
         self.model = model.to(self.device).eval()

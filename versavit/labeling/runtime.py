@@ -1,7 +1,9 @@
 """Where and in what precision a teacher runs, and how its weights are found.
 
 Every teacher loads with `from_pretrained(path_or_hub_id)`, so a real run (hub id, or a folder
-mirrored into the cluster) and a test (a tiny random model saved to a temp dir) take one path.
+mirrored into the cluster) and a test (a tiny random model saved to a temp dir) take one path. A run with
+`weights.url` set passes staged URLs (`versavit.weights.resolve`); each teacher turns its ref into a local
+folder with `versavit.weights.local_model_path` first (an s3:// checkpoint is copied once per node).
 """
 
 from __future__ import annotations
@@ -52,5 +54,6 @@ def load_failed(what: str, model_id: str, exc: BaseException) -> RuntimeError:
     """One message that names the teacher, the id and what to check (offline machines mostly)."""
     return RuntimeError(
         f"could not load the {what} teacher {model_id!r}: {exc.__class__.__name__}: {exc}. Pass a local folder "
-        "(save_pretrained layout) or a hub id reachable from this machine (HF_HUB_OFFLINE / HF_HOME)."
+        "(save_pretrained layout), a hub id reachable from this machine (HF_HUB_OFFLINE / HF_HOME), or stage it "
+        "once with `versavit weights stage` (weights.url)."
     )

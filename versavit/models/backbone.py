@@ -33,6 +33,7 @@ from transformers.utils import cached_file
 from transformers.vision_utils import get_vision_window_index
 
 from versavit.config.schema import BackboneConfig
+from versavit.weights import local_model_path
 
 try:  # the pure-python copy: importing image_processing_qwen2_vl needs torchvision
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as _hf_smart_resize
@@ -263,7 +264,7 @@ class VisionBackbone(nn.Module):
         qwen2_vl_vision / qwen2_5_vl_vision) or a full Qwen2-VL / Qwen2.5-VL checkpoint (model_type
         qwen2_vl / qwen2_5_vl, e.g. Qwen/Qwen2-VL-7B-Instruct), of which only `vision_config` and the
         visual weights are read. `kind` is inferred when None, and checked when given."""
-        path_or_id = os.fspath(path_or_id)
+        path_or_id = local_model_path(os.fspath(path_or_id))  # a staged s3:// checkpoint: this node's copy
         if not os.path.isdir(path_or_id) and (os.path.exists(path_or_id) or path_or_id.startswith(("/", ".", "~"))):
             # clearly meant as a local path: say so rather than failing a hub lookup of it
             raise ValueError(

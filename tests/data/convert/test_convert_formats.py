@@ -101,7 +101,8 @@ def test_coco_detection_objects365(tmp_path: Path) -> None:
                                       samples_per_shard=1)
     assert manifest.num_samples == 2 and len(manifest.shards) == 2  # image 3 missing, image 4 has no objects
     counts = manifest.meta["convert"]["counts"]
-    assert counts == {"crowd_dropped": 1, "empty_box_dropped": 1, "missing_image": 1, "no_objects": 1, "written": 2}
+    assert counts == {"crowd_dropped": 1, "empty_box_dropped": 1, "missing_image": 1, "no_objects": 1, "records": 4,
+                      "written": 2}
     samples = {s["__key__"]: s for s in read(out)}
     one = samples["objects365-1"]["json"]
     assert one["source"] == "objects365" and one["size"] == [40, 60]
@@ -265,3 +266,87 @@ def test_convert_to_s3(s3: str, tmp_path: Path) -> None:
     (tmp_path / "caps.json").write_text(json.dumps([{"image": str(tmp_path / "a.jpg"), "caption": "x"}]))
     manifest = convert_captions(str(tmp_path / "caps.json"), "s3://convert-bucket/caps")
     assert manifest.num_samples == 1 and read_manifest("s3://convert-bucket/caps").num_samples == 1
+
+
+# ------------------------------------------------------------------------------------ shared layout readers
+
+
+@pytest.mark.parametrize(("trailing_newline", "unit_bytes"), [(True, 1), (False, 5), (False, 64), (True, 1 << 20)])
+def test_jsonl_units_take_each_line_once(tmp_path: Path, trailing_newline: bool, unit_bytes: int) -> None:
+    """A unit takes the lines that start in its byte range: every line once, whatever the range size."""
+    from collections import Counter
+
+    from versavit.data.convert.common import read_record_unit, record_units
+
+    lines = [json.dumps({"i": i, "pad": "x" * (i * 7 % 23)}) for i in range(40)]
+    lines.insert(17, '{"i": broken')
+    text = "\n".join(lines) + ("\n" if trailing_newline else "")
+    (tmp_path / "a.jsonl").write_text(text)
+    starts = [0]
+    for line in text.splitlines(keepends=True)[:-1]:
+        starts.append(starts[-1] + len(line))
+    units = record_units(str(tmp_path), ["a.jsonl"], jsonl_unit_bytes=unit_bytes)
+    counts: Counter = Counter()
+    got = [(row, rec["i"]) for u in units for row, rec in read_record_unit(str(tmp_path), u, counts)]
+    assert [i for _, i in got] == list(range(40)) and counts == {"records": 1, "bad_record": 1}
+    assert [row for row, _ in got] == [str(s) for k, s in enumerate(starts) if k != 17]
+
+
+def test_parquet_units_are_row_groups(tmp_path: Path) -> None:
+    from collections import Counter
+
+    from versavit.data.convert.common import read_record_unit, record_units
+
+    pq.write_table(pa.table({"i": list(range(10))}), tmp_path / "t.parquet", row_group_size=3)
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    units = record_units(str(tmp_path), ["bad.parquet", "t.parquet"])
+    assert units == [["bad.parquet", 0, 1], ["t.parquet", 0, 1], ["t.parquet", 1, 2], ["t.parquet", 2, 3],
+                     ["t.parquet", 3, 4]]
+    counts: Counter = Counter()
+    rows = [(row, rec["i"]) for u in units for row, rec in read_record_unit(str(tmp_path), u, counts)]
+    assert rows == [(str(i), i) for i in range(10)] and counts == {"bad_file": 1}
+
+
+def test_tar_groups_keep_samples_before_damage(tmp_path: Path) -> None:
+    import tarfile
+    from collections import Counter
+
+    from versavit.data.convert.common import iter_tar_groups
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key in ("a", "b", "c"):
+            for ext, data in (("jpg", jpeg(seed=ord(key))), ("json", b"{}")):
+                info = tarfile.TarInfo(f"dir/{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    whole = buf.getvalue()
+    (tmp_path / "ok.tar").write_bytes(whole)
+    counts: Counter = Counter()
+    assert [(k, sorted(f)) for k, f in iter_tar_groups(str(tmp_path / "ok.tar"), counts)] == [
+        (f"dir/{k}", ["jpg", "json"]) for k in "abc"] and not counts
+    (tmp_path / "cut.tar").write_bytes(whole[: len(whole) * 3 // 5])  # inside sample b's or c's members
+    got = [k for k, _ in iter_tar_groups(str(tmp_path / "cut.tar"), counts)]
+    assert got and got == ["dir/a", "dir/b"][: len(got)] and counts == {"bad_tar": 1}
+
+
+def test_uncompressed_rle_decodes_to_the_mask() -> None:
+    from versavit.data.convert.segmentation import uncompressed_rle
+
+    rng = np.random.default_rng(0)
+    for mask in (rng.random((7, 9)) > 0.5, np.ones((3, 4), bool), np.zeros((3, 4), bool)):
+        rle = uncompressed_rle(mask)
+        assert sum(rle["counts"]) == mask.size and np.array_equal(codecs.decode_rle(rle), mask)
+
+
+def test_refs_pickle_written_by_python2_and_no_code(tmp_path: Path) -> None:
+    from versavit.data.convert.segmentation import load_refs
+
+    # protocol 2 as Python 2 writes it: str values are byte strings (SHORT_BINSTRING), here one non-ASCII
+    py2 = (b"\x80\x02]q\x00(}q\x01(U\x06ref_idq\x02K\x05U\x05splitq\x03U\x05trainq\x04"
+           b"U\x04sentq\x05U\x06caf\xe9 sq\x06ue.")
+    (tmp_path / "refs(unc).p").write_bytes(py2)
+    assert load_refs(str(tmp_path / "refs(unc).p")) == [{"ref_id": 5, "split": "train", "sent": "caf\xe9 s"}]
+    (tmp_path / "evil.p").write_bytes(pickle.dumps([Path("x")]))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+        load_refs(str(tmp_path / "evil.p"))

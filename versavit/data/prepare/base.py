@@ -37,3 +37,4 @@ class Source:
     read_units: ReadUnits
     write_fixture: WriteFixture
     units_per_shard: int = 256  # units (usually images) per output shard
+    version: int = 1  # of the reader's output: shards prepared by another version are redone

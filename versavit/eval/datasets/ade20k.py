@@ -4,7 +4,8 @@
       images/{training,validation}/ADE_{train,val}_XXXXXXXX.jpg
       annotations/{training,validation}/ADE_{train,val}_XXXXXXXX.png   8-bit, 0 = other/ignore, 1..150
 
-Labels are shifted to 0..149 and 0 becomes the ignore index (mmsegmentation's reduce_zero_label).
+Labels are shifted to 0..149 and 0 becomes the ignore index (mmsegmentation's reduce_zero_label). The layout
+and the convention are versavit.data.prepare.benchmarks' (the `ade20k` prepare source uses the same functions).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from versavit.data.prepare.benchmarks import ADE20K_SPLITS, ade20k_eval_labels, ade20k_root, list_ade20k
 from versavit.eval.datasets.base import BenchmarkReader, Sample, read_label, read_rgb
-from versavit.eval.metrics import IGNORE_INDEX
 
 ADE20K_CLASSES: tuple[str, ...] = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
@@ -33,11 +34,10 @@ ADE20K_CLASSES: tuple[str, ...] = (
     "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
     "bulletin board", "shower", "radiator", "glass", "clock", "flag",
 )
-_SPLITS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
 
 
 class ADE20k(BenchmarkReader):
-    """ADEChallengeData2016: images/<split>/*.jpg + annotations/<split>/*.png (0 = ignore, 1..150)."""
+    """ADEChallengeData2016 (or its parent): images/<split>/*.jpg + annotations/<split>/*.png (0 = ignore, 1..150)."""
 
     name = "ade20k"
     tasks = ("seg",)
@@ -45,13 +45,14 @@ class ADE20k(BenchmarkReader):
     class_names = ADE20K_CLASSES
 
     def __init__(self, root: str, split: str = "validation") -> None:
-        if split not in _SPLITS:
-            raise ValueError(f"ade20k split must be one of {sorted(_SPLITS)}, got {split!r}")
-        super().__init__(root, _SPLITS[split])
+        if split not in ADE20K_SPLITS:
+            raise ValueError(f"ade20k split must be one of {sorted(ADE20K_SPLITS)}, got {split!r}")
+        super().__init__(ade20k_root(str(root)) if Path(root).is_dir() else root, ADE20K_SPLITS[split])
 
     def _items(self) -> list[tuple[Path, Path]]:
-        images = sorted((self.root / "images" / self.split).glob("*.jpg"))
-        pairs = [(im, self.root / "annotations" / self.split / f"{im.stem}.png") for im in images]
+        stems = list_ade20k(str(self.root), self.split)
+        pairs = [(self.root / "images" / self.split / f"{s}.jpg", self.root / "annotations" / self.split / f"{s}.png")
+                 for s in stems]
         missing = [str(a.relative_to(self.root)) for _, a in pairs if not a.is_file()]
         if missing:
             raise ValueError(f"ade20k: {len(missing)} image(s) without annotation, e.g. {missing[:3]}")
@@ -62,7 +63,5 @@ class ADE20k(BenchmarkReader):
 
     def _load(self, item: tuple[Path, Path]) -> Sample:
         image_path, label_path = item
-        raw = read_label(label_path).astype(np.int64)
-        seg = np.where(raw == 0, IGNORE_INDEX, raw - 1)  # reduce_zero_label: 1..150 -> 0..149, 0 -> ignore
-        seg[raw > self.num_classes] = IGNORE_INDEX
+        seg = ade20k_eval_labels(read_label(label_path)).astype(np.int64)  # 1..150 -> 0..149, 0 -> ignore
         return read_rgb(image_path), {"key": image_path.stem, "seg": seg}

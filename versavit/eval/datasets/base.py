@@ -8,8 +8,8 @@
                     optionally "embeddings": [n, dim] float32 (precomputed text embeddings)
             every   "key": a stable sample id
 
-Readers of on-disk layouts are local-folder readers (sync remote copies to a local disk first); the
-synthetic reader streams shards from any URL.
+Readers of on-disk layouts are local-folder readers; the synthetic reader and the readers of prepared benchmarks
+(versavit.eval.datasets.prepared: what `versavit data prepare` writes) stream shards from any URL.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class BenchmarkReader:
             from versavit.storage import StorageError
 
             raise StorageError(f"{self.name}: dataset root {str(self.root)!r} is not a folder; expected the "
-                               f"published layout ({type(self).__doc__.splitlines()[0]})", kind="missing")
+                               f"published layout ({type(self).__doc__.splitlines()[0]}) or the shards `versavit "
+                               "data prepare` writes (<root>/<split>/manifest.json)", kind="missing")
         self.items: list[Any] = self._items()
         if not self.items:
             raise ValueError(f"{self.name}: no samples found for split {split!r} under {self.root}")

@@ -59,6 +59,12 @@ def annotation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
+def refer_splits(root: str, dataset: str, split_by: str | None = None) -> set[str]:
+    """The splits the refs file of `dataset` under a refer-toolkit root names (empty when it is missing)."""
+    path = Path(root) / dataset / f"refs({split_by or DEFAULT_SPLIT_BY[dataset]}).p"
+    return {str(r.get("split")) for r in load_refs(path)} if path.is_file() else set()
+
+
 class RefCOCO(BenchmarkReader):
     """refer-toolkit layout: <root>/<dataset>/{instances.json, refs(<split_by>).p} + COCO train2014 images."""
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from versavit.data.prepare.benchmarks import list_voc, voc_eval_labels, voc_root
 from versavit.eval.datasets.base import BenchmarkReader, Sample, read_label, read_rgb
-from versavit.eval.metrics import IGNORE_INDEX
 
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -30,16 +30,14 @@ class PascalVOC(BenchmarkReader):
     class_names = VOC_CLASSES
 
     def __init__(self, root: str, split: str = "val") -> None:
-        root_path = Path(root)
-        if (root_path / "VOC2012").is_dir():  # the VOCdevkit folder was given
-            root_path = root_path / "VOC2012"
-        super().__init__(root_path, split)
+        # the folder holding VOCdevkit/, VOCdevkit/ itself or VOC2012/
+        super().__init__(voc_root(str(root)) if Path(root).is_dir() else root, split)
 
     def _items(self) -> list[tuple[Path, Path]]:
         listing = self.root / "ImageSets" / "Segmentation" / f"{self.split}.txt"
         if not listing.is_file():
             raise ValueError(f"voc: no split file {listing}")
-        ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+        ids = list_voc(str(self.root), self.split)
         pairs = [(self.root / "JPEGImages" / f"{i}.jpg", self.root / "SegmentationClass" / f"{i}.png") for i in ids]
         missing = [str(p.relative_to(self.root)) for pair in pairs for p in pair if not p.is_file()]
         if missing:
@@ -54,6 +52,5 @@ class PascalVOC(BenchmarkReader):
         raw = read_label(label_path)
         if raw.ndim != 2:
             raise ValueError(f"voc: {label_path} is not a palette/grey label PNG (shape {raw.shape})")
-        seg = raw.astype(np.int64)
-        seg[(seg >= self.num_classes) & (seg != IGNORE_INDEX)] = IGNORE_INDEX
+        seg = voc_eval_labels(raw).astype(np.int64)  # indices 0..20, 255 boundary = ignore
         return read_rgb(image_path), {"key": image_path.stem, "seg": seg}

@@ -29,6 +29,7 @@ from transformers import (
 
 from versavit.config.schema import CaptionHeadConfig
 from versavit.models.tokenizer import IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START, build_tiny_tokenizer
+from versavit.weights import local_model_path
 
 IGNORE_INDEX = -100
 CAPTION_INSTRUCTION = "Describe the image."
@@ -82,7 +83,7 @@ def tiny_llm_config(cfg: CaptionHeadConfig, vocab_size: int, pad_token_id: int, 
 
 def _load_llm(source: str, dtype: torch.dtype, what: str) -> PreTrainedModel:
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(local_model_path(source), dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:  # missing folder, unknown hub id offline, bad config
         raise ValueError(f"cannot load the caption head's {what} from {source!r} (a local folder or hub id; "
                          f"with HF_HUB_OFFLINE=1 hub ids must already be cached): {exc}") from exc
@@ -90,7 +91,7 @@ def _load_llm(source: str, dtype: torch.dtype, what: str) -> PreTrainedModel:
 
 def _load_tokenizer(source: str) -> PreTrainedTokenizerBase:
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(local_model_path(source))
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"cannot load the caption head's tokenizer from {source!r}: {exc}") from exc
 
