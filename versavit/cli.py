@@ -136,14 +136,46 @@ def _source_names(text: str | None) -> list[str]:
     return names
 
 
+def _prepare_datasets(cfg: RunConfig, shard_index: int, num_shards: int) -> None:
+    """`data prepare` without SOURCE: the pipeline's prepare step, this worker's slice of every dataset."""
+    from versavit.stages import stage_prepare
+
+    if shard_index >= num_shards:
+        raise ConfigError(f"--shard-index {shard_index} must be < --num-shards {num_shards}")
+    if not any(d.input for d in cfg.data.datasets.values()):
+        raise ConfigError("this config's data.datasets has no entry with an `input` to prepare; pass SOURCE "
+                          "--input RAW --output URL")
+    for name, summary in json.loads(stage_prepare(cfg, shard_index, num_shards)).items():
+        state = (f"{summary['manifest']} ({summary['num_samples']} samples)" if summary["manifest"]
+                 else f"not yet: {len(summary['shards_missing'])} shard(s) of other workers missing")
+        console.print(f"{name}: {len(summary['shards_processed'])} shard(s) written, "
+                      f"{summary['shards_already_done']} already done; {state}", highlight=False, markup=False)
+
+
+@data_app.command("sources")
+def data_sources(kind: str | None = typer.Option(None, "--kind", help="training or benchmark (default: both)")
+                 ) -> None:
+    """What each `data prepare` source reads: the dataset, what to download, the layout expected, its size."""
+    from versavit.data.prepare import SOURCES
+
+    for src in SOURCES.values():
+        if kind in (None, src.kind):
+            console.print(f"[bold]{src.name}[/bold] ({src.kind}; tasks {', '.join(src.tasks)}; splits "
+                          f"{', '.join(src.splits)})", highlight=False)
+            console.print(f"  {escape(src.about)}\n", highlight=False, soft_wrap=False)
+
+
 @data_app.command("prepare")
 def data_prepare(
-    source: str = typer.Argument(..., help="the source: a training set (objects365, grit, sa1b, refcoco, refcoco+, "
-                                 "refcocog, pixmo-cap, idl-wds, finevision, sa1b-internvl, images) or a benchmark "
-                                 "(ade20k, voc2012, cityscapes, nyuv2, kitti)", show_default=False),
-    input_url: str = typer.Option(..., "--input", "-i", help="the source's published layout: a folder or URL"),
-    output_url: str = typer.Option(..., "--output", "-o", help="dataset URL for the shards (with several --split: "
-                                   "<output>/<split> each)"),
+    source: str | None = typer.Argument(None, help="the source: a training set (objects365, grit, sa1b, refcoco, "
+                                        "refcoco+, refcocog, pixmo-cap, idl-wds, finevision, sa1b-internvl, images) or "
+                                        "a benchmark (ade20k, voc2012, cityscapes, nyuv2, kitti); `versavit data "
+                                        "sources` describes each. Omitted: every data.datasets entry of the config "
+                                        "with an input", show_default=False),
+    input_url: str | None = typer.Option(None, "--input", "-i", help="the source's published layout: a folder or "
+                                         "URL"),
+    output_url: str | None = typer.Option(None, "--output", "-o", help="dataset URL for the shards (with several "
+                                          "--split: <output>/<split> each)"),
     split: str | None = typer.Option(None, "--split", help="split(s), comma-separated (default: the source's first)"),
     shard_index: int = typer.Option(0, "--shard-index", min=0, envvar="JOB_COMPLETION_INDEX",
                                     help="this worker's index: it takes output shards i, i+n, i+2n, ... "
@@ -162,6 +194,16 @@ def data_prepare(
 
     from versavit.data.prepare.runner import get_source, prepare_splits
 
+    if source is not None and "=" in source:  # `data prepare key=value ...`: overrides, no SOURCE
+        overrides, source = [source, *(overrides or [])], None
+    if source is None:
+        if input_url or output_url or split:
+            raise ConfigError("--input/--output/--split need a SOURCE; without one, every data.datasets entry of "
+                              "the config is prepared")
+        _prepare_datasets(_load(config, overrides), shard_index, num_shards)
+        return
+    if not (input_url and output_url):
+        raise ConfigError(f"data prepare {source} needs --input (the published layout) and --output (a URL)")
     src = get_source(source)  # an unknown name is a usage error before anything loads
     splits = [s.strip() for s in (split or "").split(",") if s.strip()] or None
     cfg = _load(config, overrides)
