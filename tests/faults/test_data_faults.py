@@ -1,23 +1,30 @@
-"""Corrupt data is counted in lost samples against the manifest, per task, once per shard; past the
-threshold the run stops with one line (also from a DataLoader worker); `versavit data check` reports a
-tampered dataset; two writers of one dataset never leave a manifest that disagrees with its shards."""
+"""Corrupt data is counted in lost samples against the manifest, per task, once per shard, and a real training
+run reports them in stage.json, metrics.jsonl and MLflow; past the threshold the run stops with one line (also
+from a DataLoader worker); `versavit data check` reports a tampered dataset, per task the samples it cannot use,
+and with --sample-fraction 0 checks presence and sizes only; two writers of one dataset (local or S3) never
+leave a manifest that disagrees with its shards."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import tarfile
 import threading
+import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from faults_data_helpers import flip_bytes, truncate_in_sample, write
+from faults_data_helpers import flip_bytes, sample, truncate_in_sample, write
+from tiny_model import TINY_MODEL
 from typer.testing import CliRunner
 
+from versavit import storage
 from versavit.data.loader import CorruptDataError, CorruptionStats, make_loader, shard_pipeline
 from versavit.data.shards import DatasetLockedError, ShardWriter, read_manifest, resolve_shards
 from versavit.data.tasks import _image, depth_view, image_tensor
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # 48 samples in 3 shards of 16: samples 2 and 5 lack depth.png, sample 20 has an undecodable image,
 # shard 2 is cut inside sample 42 (it yields 10 of its 16 samples)
@@ -87,21 +94,59 @@ def test_past_the_threshold_the_run_stops_with_one_line(damaged: str, workers: i
     assert "shard-000000.tar (2 of 16)" in text or "shard-000002.tar (6 of 16)" in text
 
 
-def test_training_reads_the_counters_for_metrics_and_stage_json(damaged: str) -> None:
-    from versavit.train.loop import Trainer
+@pytest.fixture
+def world_of_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Env for an in-process process group of one (gloo, a free port; one initialised earlier is reused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                           LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
 
-    stats = CorruptionStats(max_fraction=0.5, min_samples=1, name="depth")
-    list(shard_pipeline(resolve_shards([damaged]), stats=stats, transform=TASKS["depth"]))
-    fake = SimpleNamespace(plan=SimpleNamespace(tasks=["depth"]), streams={"depth": SimpleNamespace(stats=stats)})
-    assert Trainer.data_counters(fake) == {"data/depth_lost_samples": 9.0,
-                                           "data/depth_lost_fraction": pytest.approx(9 / 48)}
-    assert stats.summary()["lost_samples"] == 9 and json.dumps(stats.summary())
+
+def test_a_training_run_reports_the_lost_samples_in_stage_json_metrics_and_mlflow(tmp_path: Path,
+                                                                                  world_of_one: None) -> None:
+    """A real depth stage (one process, in this one: `run_stage` as every rank runs it; 3 steps) on one shard of
+    48 with 9 samples removed or damaged: 2 lack depth.png, 1 has an undecodable image, 6 are cut off."""
+    from mlflow.tracking import MlflowClient
+
+    from versavit.config import load_config
+    from versavit.train.loop import run_stage
+
+    url = str(tmp_path / "ds")
+    write(url, n=48, per_shard=48, damage=DAMAGE)
+    truncate_in_sample(tmp_path / "ds" / "shard-000000.tar", keep=42)
+    # 39 good samples: steps 1-2 take 32; step 3 ends the first pass over the shard (its last 6 are missing)
+    cfg = load_config(ROOT / "configs/tiny.yaml", [
+        f"workdir={tmp_path / 'run'}", *TINY_MODEL, "train.resolution={caption_max: 56, caption_min: 28, depth: 28, "
+        "refseg: 56}", "data.source=shards", f"data.tasks={{depth: {{urls: ['{url}']}}}}", "train.warmup.enabled=false",
+        "train.multitask.tasks=[depth]", "train.multitask.loss_weights={depth: 1.0}",
+        "train.multitask.batch_size={depth: 16}", "train.multitask.max_steps=3",
+        "train.multitask.checkpoint_interval=3",
+        "data.num_workers=0", "data.shuffle_buffer=0", "data.max_corrupt_fraction=0.5", "train.precision=fp32",
+        "tracking.experiment=faults-lost-samples"])
+    result = run_stage(cfg, "multitask")
+
+    stage = json.loads((tmp_path / "run" / "stages" / "multitask" / "stage.json").read_text())
+    assert stage["data"]["depth"]["lost_samples"] == LOST["depth"] == 9
+    assert stage["data"]["depth"]["samples"] == 48
+    assert stage["data"]["depth"]["lost_by_shard"] == {"shard-000000.tar": 9}
+    points = [json.loads(line) for line in (tmp_path / "run" / "reports" / "multitask" / "metrics.jsonl").open()]
+    assert [p["step"] for p in points] == [1, 2, 3]
+    assert points[0]["data/depth_lost_samples"] == 2  # the 2 samples without depth.png, met in step 1
+    assert points[-1]["data/depth_lost_samples"] == 9
+    assert points[-1]["data/depth_lost_fraction"] == pytest.approx(9 / 48)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    history = client.get_metric_history(result["mlflow_run_id"], "data/depth_lost_samples")
+    assert history and history[-1].step == 3 and history[-1].value == 9
 
 
 def _check(url: str, *extra: str) -> tuple[int, list[str]]:
     from versavit.cli import app
 
     result = CliRunner().invoke(app, ["data", "check", url, *extra])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     return result.exit_code, [line for line in result.output.splitlines() if line.strip()]
 
 
@@ -124,6 +169,82 @@ def test_data_check_clean_and_tampered(tmp_path: Path) -> None:
     assert any(line.startswith("lost samples: shard-000002.tar yields 10 of its 16 samples") for line in lines)
     assert lines[-1].startswith("PROBLEMS: ") and "1 missing, 2 changed under the manifest, 7 of 48 samples lost" \
         in lines[-1]
+
+
+def test_data_check_at_sample_fraction_0_checks_presence_and_sizes_only(tmp_path: Path) -> None:
+    url = str(tmp_path / "ds")
+    write(url, n=48, per_shard=16)
+    code, lines = _check(url, "--sample-fraction", "0")
+    assert code == 0 and lines == [f"ok: {url}: 3 shard(s), 0 read and checked (sample fraction 0: presence and "
+                                   "sizes only); 0 missing, 0 changed under the manifest, no samples read"]
+    flip_bytes(tmp_path / "ds" / "shard-000001.tar")  # same size, other bytes: only reading the shard tells
+    assert _check(url, "--sample-fraction", "0")[0] == 0 and _check(url)[0] == 1
+    (tmp_path / "ds" / "shard-000000.tar").unlink()
+    truncate_in_sample(tmp_path / "ds" / "shard-000002.tar", keep=10)
+    code, lines = _check(url, "--sample-fraction", "0")
+    assert code == 1 and len(lines) == 3
+    assert lines[0] == "missing shard: shard-000000.tar (16 samples)"
+    assert lines[1].startswith("dataset changed under its manifest: shard-000002.tar is ")
+    assert lines[2].startswith("PROBLEMS: ") and "1 missing, 1 changed under the manifest, no samples read" in lines[2]
+
+
+# 32 samples for depth and refseg in 2 shards: each lacks (or breaks) a member one task or both need
+TASK_DAMAGE = {2: {"drop": ("depth.png",)}, 7: {"drop": ("emb.npy",)}, 9: {"drop": ("mask.png",)},
+               12: {"bad_image": True}}
+BAD_IMAGE = ("1 undecodable rgb.png (UnidentifiedImageError: cannot identify image file <_io.BytesIO object>) "
+             "(e.g. s00012)")
+
+
+def test_data_check_reports_per_task_the_samples_it_cannot_use(tmp_path: Path) -> None:
+    url = str(tmp_path / "ds")
+    write(url, n=32, per_shard=16, damage=TASK_DAMAGE, refseg=True)
+    code, lines = _check(url)  # the tasks the samples carry data for: depth (depth.png), refseg (emb.npy, mask.png)
+    assert code == 1
+    assert f"task depth: 2 of 32 samples unusable: 1 lack depth.png (e.g. s00002), {BAD_IMAGE}" in lines
+    assert ("task refseg: 3 of 32 samples unusable: 1 lack emb.npy (text embeddings: run `versavit label embed`) "
+            f"(e.g. s00007), 1 lack masks (inst.png + json objects, or mask.png) (e.g. s00009), {BAD_IMAGE}") in lines
+    assert not any(line.startswith("task caption") for line in lines)  # no sample has caption text
+    assert lines[-1].endswith("4 of 32 samples lost; usable samples per task: depth 30/32, refseg 29/32")
+
+    code, lines = _check(url, "--task", "depth")
+    assert code == 1 and [ln for ln in lines if ln.startswith("task ")] == [
+        f"task depth: 2 of 32 samples unusable: 1 lack depth.png (e.g. s00002), {BAD_IMAGE}"]
+    code, lines = _check(url, "--task", "caption")
+    assert code == 1 and [ln for ln in lines if ln.startswith("task ")] == [
+        "task caption: 32 of 32 samples unusable: 32 have no caption or question/answer text in json (e.g. s00000)"]
+    assert _check(url, "--task", "segmentation")[0] == 2  # a usage error
+
+    whole = str(tmp_path / "whole")
+    write(whole, n=32, per_shard=16, refseg=True)
+    code, lines = _check(whole, "--task", "depth", "--task", "refseg")
+    assert code == 0 and len(lines) == 1 and lines[0].endswith("usable samples per task: depth 32/32, refseg 32/32")
+
+
+def test_a_second_writer_of_an_s3_dataset_fails_at_once_naming_the_first(s3: str) -> None:
+    """The writer lock on S3 is a conditional put (If-None-Match: *) on moto: the second writer is refused."""
+    import os
+
+    url = "s3://locks/ds"
+    storage.ensure_bucket(url)
+    first = ShardWriter(url, samples_per_shard=2, name="first", meta={"seed": 0})
+    first.write(sample(0))
+    t0 = time.monotonic()
+    with pytest.raises(DatasetLockedError) as err:
+        ShardWriter(url, samples_per_shard=2, name="second", meta={"seed": 1})
+    took = time.monotonic() - t0
+    print(f"\nsecond S3 writer refused after {took:.2f} s: {err.value}")
+    assert took < 2.0  # at once
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{url} is being written by another writer (host "
+                                                      f"{socket.gethostname()}, pid {os.getpid()}, started 20")
+    assert f"{url}/.writer.lock" in message
+    first.write(sample(1))
+    assert first.close().num_samples == 2
+    assert not storage.exists(f"{url}/.writer.lock")  # released
+    assert read_manifest(url).meta == {"seed": 0} and read_manifest(url).name == "first"  # the first one's dataset
+    with ShardWriter(url, samples_per_shard=2, name="third") as w:  # free again
+        w.write(sample(0, seed=3))
+    assert read_manifest(url).name == "third"
 
 
 def test_a_sampled_sha_check_in_training_stops_on_a_replaced_shard(tmp_path: Path) -> None:

@@ -50,7 +50,10 @@ def test_a_held_lease_fails_a_second_run_at_once_naming_the_holder(holder) -> No
 
 
 def test_two_cli_runs_on_one_stage_conflict_before_torchrun(holder, tmp_path: Path) -> None:
+    from faults_data_helpers import synthetic_stand_in
+
     url, pid = holder
+    synthetic_stand_in(tmp_path)  # past the CLI's check that the stage's data exists
     res = subprocess.run([sys.executable, "-m", "versavit.cli", "train", "multitask", "--config", "configs/tiny.yaml",
                           f"workdir={tmp_path}", "tracking.enabled=false"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)

@@ -107,6 +107,9 @@ def test_registered_versions_have_distinct_immutable_sources(tmp_path: Path, one
 
 
 def test_cli_rerun_with_another_configs_checkpoint_is_one_line_exit_2(tmp_path: Path) -> None:
+    from faults_data_helpers import synthetic_stand_in
+
+    synthetic_stand_in(tmp_path)  # past the CLI's check that the stage's data exists
     ckpt = tmp_path / "stages" / "multitask" / "checkpoints"
     ckpt.mkdir(parents=True)
     (ckpt / "latest.json").write_text(json.dumps({"tag": "step-00000040", "step": 40, "config_hash": "0123abcd"}))

@@ -1,10 +1,14 @@
 """The cluster launchers against an HTTP stub of the Kubernetes API: success with the master's log
-streamed, failure with the job's own reason, timeout and cancel (job deleted), for both backends."""
+streamed, failure with the job's own reason, timeout and cancel (job deleted), for both backends; the
+stage lease held (and renewed) while the job runs, released however it ends, refusing a second launch."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +21,9 @@ from launch_helpers import crd_schema
 from versavit import storage
 from versavit.config import RunConfig
 from versavit.launch import JobFailed, LaunchError, LaunchTimeout, PyTorchJobLauncher, TrainJobLauncher
+from versavit.layout import lease_url
+from versavit.train import lease
+from versavit.train.lease import LeaseHeldError
 
 BACKENDS = {"pytorchjob": (PyTorchJobLauncher, "PyTorchJob", "pytorchjobs", "pytorch"),
             "trainjob": (TrainJobLauncher, "TrainJob", "trainjobs", "node")}
@@ -42,8 +49,8 @@ def failure_steps() -> list[Step]:
 
 def make_launcher(backend: str, kube_config: Any, lines: list[str], status: list[str], **kw: Any) -> Any:
     cls = BACKENDS[backend][0]
-    return cls(client_configuration=kube_config, poll_interval_s=POLL, log_sink=lines.append,
-               status_sink=status.append, **kw)
+    return cls(client_configuration=kube_config, log_sink=lines.append, status_sink=status.append,
+               **{"poll_interval_s": POLL, **kw})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -86,6 +93,7 @@ def test_failure_carries_the_jobs_reason(backend: str, kube: KubeApiStub, kube_c
     assert "OOMKilled, exit code 137" in msg and "(restarts: 3)" in msg  # the container's end
     assert "CUDA out of memory" in msg  # its termination message (log tail on error)
     assert isinstance(err.value, LaunchError)
+    assert not storage.exists(lease_url(cfg, "multitask"))  # released on failure
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -116,6 +124,7 @@ def test_timeout_deletes_the_job(backend: str, kube: KubeApiStub, kube_config: A
     assert "Insufficient nvidia.com/gpu" in msg  # why it never ran
     assert [(p, ns) for p, ns, _ in kube.deleted] == [(plural, "versavit")]
     assert kube.objects == {}
+    assert not storage.exists(lease_url(cfg, "multitask"))  # released on timeout
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -144,6 +153,7 @@ def test_sigterm_cancels_and_deletes(backend: str, kube: KubeApiStub, kube_confi
         launcher.launch(cfg, "multitask")
     assert len(kube.deleted) == 1 and kube.objects == {}
     assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+    assert not storage.exists(lease_url(cfg, "multitask"))  # released on cancel
 
 
 def test_keyboard_interrupt_deletes(kube: KubeApiStub, kube_config: Any,
@@ -195,3 +205,54 @@ def test_local_workdir_is_refused_for_cluster_backends(kube_config: Any) -> None
     cfg = load_config(ROOT / "configs/tiny.yaml", cluster_overrides("trainjob"))
     with pytest.raises(LaunchError, match="s3://"):
         TrainJobLauncher(client_configuration=kube_config).launch(cfg, "warmup")
+
+
+def test_the_stage_lease_is_held_and_renewed_while_the_job_runs(kube: KubeApiStub, kube_config: Any,
+                                                                cluster_cfg: Callable[..., RunConfig]) -> None:
+    """Taken before the job is created, renewed while it is watched, released at the end; meanwhile a second
+    launch of the same stage fails at once naming this one, and creates nothing. (The life cycle is the base
+    class's: one backend here, both in the refusal test below.)"""
+    backend = "pytorchjob"
+    cfg = cluster_cfg(backend)
+    url = lease_url(cfg, "multitask")
+    steps = success_steps(backend)
+    kube.steps = steps[:3] + [steps[2]] * 8 + steps[3:]  # running for 8 polls
+    seen: list[dict[str, Any]] = []
+    second: list[BaseException] = []
+
+    def on_get(index: int) -> None:
+        seen.append(json.loads(storage.read_text(url)))
+        if index == 3:
+            t0 = time.monotonic()
+            try:
+                make_launcher(backend, kube_config, [], [], timeout_s=5).launch(cfg, "multitask")
+            except BaseException as exc:  # noqa: BLE001 - recorded for the assertions below
+                second.append(exc)
+            seen[-1]["second_s"] = time.monotonic() - t0
+
+    kube.on_get = on_get
+    launcher = make_launcher(backend, kube_config, [], [], timeout_s=30, poll_interval_s=0.05, lease_renew_s=0.05)
+    launcher.launch(cfg, "multitask")
+    assert len(seen) >= 11 and {r["token"] for r in seen} == {seen[0]["token"]}  # one holder throughout: us
+    assert seen[0]["pid"] == os.getpid() and seen[0]["host"] == socket.gethostname()
+    assert seen[-1]["renewed"] > seen[0]["renewed"]  # renewed while the job ran
+    (refused,) = second
+    assert isinstance(refused, LeaseHeldError) and f"pid {os.getpid()}" in str(refused)
+    assert "in use by another run" in str(refused) and "\n" not in str(refused)
+    refused_s = max(r.get("second_s", 0) for r in seen)
+    print(f"\nsecond launch refused after {refused_s:.2f} s: {refused}")
+    assert refused_s < 2.0  # at once
+    assert len(kube.created) == 1  # the refused launch created no job
+    assert not storage.exists(url)  # released at the end
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_held_lease_refuses_the_launch_before_anything_is_created(backend: str, kube: KubeApiStub,
+                                                                    kube_config: Any,
+                                                                    cluster_cfg: Callable[..., RunConfig]) -> None:
+    cfg = cluster_cfg(backend)
+    # another run (here: this process) holds the stage
+    with lease.hold(lease_url(cfg, "multitask")), pytest.raises(LeaseHeldError, match=f"pid {os.getpid()}"):
+        make_launcher(backend, kube_config, [], [], timeout_s=5).launch(cfg, "multitask")
+    assert kube.requests == []  # the API server never heard of it
+    assert storage.list_files(storage.join(cfg.workdir, "launch", "multitask")) == []  # no config published

@@ -6,7 +6,7 @@ from typing import Any
 
 from versavit.config import RunConfig
 from versavit.launch.base import ClusterLauncher, Launcher, LaunchResult
-from versavit.launch.errors import JobFailed, LaunchError, LaunchTimeout
+from versavit.launch.errors import JobFailed, LaunchError, LaunchTimeout, RankFailed
 from versavit.launch.local import LocalLauncher, launch_local
 from versavit.launch.pytorchjob import PyTorchJobLauncher, build_pytorchjob
 from versavit.launch.trainjob import TrainJobLauncher, build_trainjob
@@ -33,6 +33,7 @@ __all__ = [
     "Launcher",
     "LocalLauncher",
     "PyTorchJobLauncher",
+    "RankFailed",
     "TrainJobLauncher",
     "build_pytorchjob",
     "build_trainjob",

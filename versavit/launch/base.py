@@ -3,7 +3,8 @@
     launcher = get_launcher(cfg)                 # (versavit.launch) picks cfg.launch.backend
     result = launcher.launch(cfg, "multitask")   # -> LaunchResult (outputs = the stage's stage.json)
 
-The cluster backends share one life cycle (`ClusterLauncher`): publish the resolved config to an URL
+The cluster backends share one life cycle (`ClusterLauncher`): take the stage's lease (as the local
+launcher does: one run at a time writes a stage folder), publish the resolved config to an URL
 the pods can read, create the job, poll it until it ends (streaming the master's log meanwhile),
 and on failure raise a `LaunchError` with the job's own reason (failed condition, container exit
 reason/code and termination message, log tail). A timeout or a cancel (Ctrl-C, SIGTERM from KFP)
@@ -33,8 +34,10 @@ from typing import Any, ClassVar
 
 from versavit.config import RunConfig, config_hash, dump_yaml
 from versavit.launch.errors import JobFailed, LaunchError, LaunchTimeout
-from versavit.layout import stage_manifest_url
+from versavit.layout import lease_url, stage_manifest_url
 from versavit.storage import STORAGE_ENV
+from versavit.train import lease
+from versavit.weights import pod_env
 
 # Plain (non-secret) variables of the launching process that the training pods inherit, so the
 # stage's MLflow run nests under the pipeline's parent run and carries the KFP run id.
@@ -137,6 +140,7 @@ def container_env(cfg: RunConfig, extra: dict[str, str] | None = None) -> list[d
     if cfg.storage.s3_endpoint_url:
         plain["AWS_ENDPOINT_URL_S3"] = cfg.storage.s3_endpoint_url
     plain.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
+    plain.update(pod_env(cfg))  # HF_HUB_OFFLINE=1 once checkpoints are staged (weights.url)
     plain.update(extra or {})
     for name in plain:
         if name in cfg.launch.secret_env or _CREDENTIAL_NAME.search(name):
@@ -189,13 +193,19 @@ def publish_config(cfg: RunConfig, stage: str, job_name: str) -> str:
     """Write the resolved config where every pod can read it; return its URL."""
     from versavit import storage
 
-    if not storage.is_remote(cfg.workdir):
-        raise LaunchError(f"launch.backend={cfg.launch.backend!r} needs a workdir the cluster's pods can reach "
-                          f"(s3://...), got {cfg.workdir!r}")
+    _require_remote_workdir(cfg)
     url = storage.join(cfg.workdir, "launch", stage, f"{job_name}.yaml")
     storage.ensure_bucket(url)  # also proves the endpoint and credentials work, before any GPU is held
     storage.write_text(url, dump_yaml(cfg))
     return url
+
+
+def _require_remote_workdir(cfg: RunConfig) -> None:
+    from versavit import storage
+
+    if not storage.is_remote(cfg.workdir):
+        raise LaunchError(f"launch.backend={cfg.launch.backend!r} needs a workdir the cluster's pods can reach "
+                          f"(s3://...), got {cfg.workdir!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,10 +368,12 @@ class ClusterLauncher(Launcher):
     def __init__(self, client_configuration: Any = None, timeout_s: float | None = DEFAULT_TIMEOUT_S,
                  poll_interval_s: float = 10.0, log_sink: Callable[[str], None] | None = None,
                  status_sink: Callable[[str], None] | None = None, stream_logs: bool = True,
-                 stuck_grace_s: float = 300.0, max_api_errors: int = 6, job_name: str | None = None):
+                 stuck_grace_s: float = 300.0, max_api_errors: int = 6, job_name: str | None = None,
+                 lease_ttl_s: float = lease.TTL_S, lease_renew_s: float = lease.RENEW_S):
         """`client_configuration`: a kubernetes.client.Configuration (None: in-cluster or kubeconfig).
         `timeout_s`: None waits forever. `stuck_grace_s`: how long a pod may sit in an unrecoverable
-        waiting state (image pull, missing secret) before the job is failed and deleted."""
+        waiting state (image pull, missing secret) before the job is failed and deleted.
+        `lease_ttl_s` / `lease_renew_s`: the stage lease this launcher holds while its job runs."""
         self.client_configuration = client_configuration
         self.timeout_s = timeout_s
         self.poll_interval_s = poll_interval_s
@@ -371,6 +383,7 @@ class ClusterLauncher(Launcher):
         self.stuck_grace_s = stuck_grace_s
         self.max_api_errors = max_api_errors
         self.job_name = job_name
+        self.lease_ttl_s, self.lease_renew_s = lease_ttl_s, lease_renew_s
 
     # -- what a backend provides ---------------------------------------------------------------
     @abstractmethod
@@ -409,16 +422,31 @@ class ClusterLauncher(Launcher):
     # -- the life cycle ------------------------------------------------------------------------
     def launch(self, cfg: RunConfig, stage: str, config_url: str | None = None,
                env: dict[str, str] | None = None, variant: str = "") -> LaunchResult:
+        """Create the job and watch it to its end, holding the stage's lease (`versavit.train.lease`, as the
+        local launcher does) from before the job exists until it has ended: renewed while the job is watched,
+        released however the watch ends. A second launch of a stage whose lease is held fails at once with
+        `LeaseHeldError` naming the holder, before it publishes or creates anything."""
         from versavit import storage
 
         storage.configure(cfg.storage)
         start = time.monotonic()
+        if config_url is None:
+            _require_remote_workdir(cfg)
+        elif not storage.is_remote(config_url):
+            raise LaunchError(f"config_url {config_url!r} is a local path: the pods cannot read it (use s3://)")
+        if storage.is_remote(cfg.workdir):
+            storage.ensure_bucket(cfg.workdir)  # also proves the endpoint and credentials work
+        with lease.hold(lease_url(cfg, stage, variant), ttl_s=self.lease_ttl_s, renew_s=self.lease_renew_s):
+            return self._launch(cfg, stage, config_url, env, variant, start)
+
+    def _launch(self, cfg: RunConfig, stage: str, config_url: str | None, env: dict[str, str] | None,
+                variant: str, start: float) -> LaunchResult:
+        from versavit import storage
+
         namespace = cfg.launch.namespace
         name = self.job_name or make_job_name(cfg, f"{stage}-{variant}" if variant else stage)
         if config_url is None:
             config_url = publish_config(cfg, stage, name)
-        elif not storage.is_remote(config_url):
-            raise LaunchError(f"config_url {config_url!r} is a local path: the pods cannot read it (use s3://)")
         job = self.build(cfg, stage, config_url, name, env, variant=variant)
         self._connect(namespace)
         watch = _Watch()

@@ -13,3 +13,12 @@ class LaunchTimeout(LaunchError):
 
 class JobFailed(LaunchError):
     """The cluster job ended in failure; the message carries the job's own reason."""
+
+
+class RankFailed(LaunchError):
+    """A rank of a local run failed: the first failure by time, with its real cause (`error_type`, e.g.
+    StorageError, and `cause`, its message), on one line."""
+
+    def __init__(self, message: str, rank: int, error_type: str, cause: str, log_dir: str = ""):
+        super().__init__(message)
+        self.rank, self.error_type, self.cause, self.log_dir = rank, error_type, cause, log_dir

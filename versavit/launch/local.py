@@ -1,8 +1,12 @@
 """Local launcher: `torchrun --nproc_per_node N -m versavit.train.entry` on this machine.
 
-Each rank's output goes to its own log file (and rank 0's to the console). If a rank dies, the
-launcher raises one `LaunchError` naming the rank, how it ended, and the last lines of its log;
-torchrun stops the other ranks, so nothing hangs.
+Each rank's output goes to its own log file, and torchrun's own output to `torchrun.log` beside them
+(`<reports>/<stage>/logs/<time>/`). The console shows rank 0's log lines and progress, never a traceback
+nor torchrun's error summary. If a rank fails, torchrun stops the others; the launcher then raises one
+`RankFailed` line naming the rank that failed first with its real cause (from the ranks' failure records,
+`versavit.train.failures`; never a rank torchrun stopped afterwards: see `rank_failure`), and where the
+logs are. A rank that failed first without a record (killed by a signal) is reported with how it ended
+and the last lines of its log.
 
 No orphaned ranks: torchrun gets SIGTERM from the kernel when the launcher dies, even by SIGKILL
 (`lifeline.die_with_parent_preexec`), and each rank ends with torchrun (`lifeline.follow_parent`).
@@ -12,6 +16,7 @@ launcher then waits for (`STOP_GRACE_S`, then SIGKILL) before it exits (128 + th
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -31,11 +36,13 @@ import yaml
 from versavit import storage
 from versavit.config import RunConfig, config_to_dict
 from versavit.launch.base import Launcher, LaunchResult
-from versavit.launch.errors import LaunchError
+from versavit.launch.errors import LaunchError, RankFailed
 from versavit.layout import lease_url, reports_dir, run_name, stage_manifest_url, stage_url
-from versavit.train import lease, lifeline, resume
+from versavit.train import failures, lease, lifeline, resume
 
 STOP_GRACE_S = 8.0  # how long a stopped launcher waits for torchrun to stop its ranks
+ENTRY_MODULE = "versavit.train.entry"  # what each rank runs (`python -m`)
+TORCHRUN_LOG = "torchrun.log"
 
 
 def _free_port() -> int:
@@ -52,7 +59,15 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join("    " + ln for ln in keep) or "(empty log)"
 
 
+# how torchrun (or the launcher) stops ranks: a rank that ended by one of these signals (or exited 128 + it, as a
+# rank's lifeline makes it) was stopped, it did not fail
+_STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_STOP_CODES = {-int(s) for s in _STOPS} | {128 + int(s) for s in _STOPS}
+
+
 def _describe_exit(code: int) -> str:
+    if code > 128 and code - 128 in {int(s) for s in _STOPS}:
+        return f"stopped by {signal.Signals(code - 128).name} (exit code {code})"
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"
@@ -61,17 +76,26 @@ def _describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
+_FAILED_RANK = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*exitcode\s*:\s*(-?\d+)")
+
+
+def failed_ranks(torchrun_output: str) -> dict[int, int]:
+    """rank -> exit code of the ranks torchrun's summary lists as failed: those that ended before it stopped the
+    rest, and any it stopped that had ended by the time it looked (`_STOP_CODES`: they did not fail)."""
+    return {int(rank): int(code) for rank, code in _FAILED_RANK.findall(torchrun_output)}
+
+
 def failure_report(stage: str, log_dir: Path, torchrun_output: str) -> str:
     """Which ranks failed, how, and the tail of each one's log."""
-    failed = re.findall(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*exitcode\s*:\s*(-?\d+)", torchrun_output)
+    failed = failed_ranks(torchrun_output)
     if not failed:
         return f"stage {stage!r} failed before any rank reported (torchrun output):\n" + \
             "\n".join("    " + ln for ln in torchrun_output.strip().splitlines()[-15:])
     parts = [f"stage {stage!r} failed:"]
-    for rank, code in dict(failed).items():
+    for rank, code in failed.items():
         logs = sorted(log_dir.rglob(f"attempt_*/{rank}/stderr.log"))
         where = logs[-1] if logs else "-"
-        parts.append(f"  rank {rank}: {_describe_exit(int(code))}; last lines of its log ({where}):")
+        parts.append(f"  rank {rank}: {_describe_exit(code)}; last lines of its log ({where}):")
         parts.append(_tail(logs[-1]) if logs else "    (no log)")
     return "\n".join(parts)
 
@@ -103,30 +127,90 @@ def _launch_local(cfg: RunConfig, stage: str, env: dict[str, str] | None, stream
     config_path = write_resolved_config(cfg, stage, variant)
     log_dir = reports_dir(cfg, name) / "logs" / time.strftime("%Y%m%d-%H%M%S")
     log_dir.mkdir(parents=True, exist_ok=True)
+    failure_dir = log_dir / "failures"
+    failures.clear(failure_dir)  # a launch of the same second: its records are not ours (we hold the lease)
     nproc = cfg.launch.nproc_per_node
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--max-restarts", "0",
            "--log-dir", str(log_dir), "--redirects", "3", "--tee", "0:3" if stream_output else "0",
-           "-m", "versavit.train.entry", "--stage", stage, "--config", str(config_path), "--variant", variant]
+           "-m", ENTRY_MODULE, "--stage", stage, "--config", str(config_path), "--variant", variant]
     run_env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": os.environ.get(
         "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))), "PYTHONUNBUFFERED": "1",
-        lifeline.LAUNCHER_PID_ENV: str(os.getpid())}
-    captured: list[str] = []
-    with _signals_exit():  # before the Popen: a SIGTERM from now on still stops torchrun
+        lifeline.LAUNCHER_PID_ENV: str(os.getpid()), failures.FAILURE_DIR_ENV: str(failure_dir)}
+    captured: collections.deque[str] = collections.deque(maxlen=400)
+    console = _ConsoleFilter()
+    with _signals_exit(), (log_dir / TORCHRUN_LOG).open("w") as torchrun_log:  # before the Popen: see _stop
         proc = subprocess.Popen(cmd, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 preexec_fn=lifeline.die_with_parent_preexec())
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
                 captured.append(line)
-                if stream_output and not _is_noise(line):
-                    sys.stderr.write(line)
+                torchrun_log.write(line)
+                if stream_output and (shown := console.show(line)) is not None:
+                    sys.stderr.write(shown)
             code = proc.wait()
         finally:
             _stop(proc)
     if code != 0:
-        raise LaunchError(failure_report(name, log_dir, "".join(captured[-400:])))
+        raise rank_failure(name, log_dir, "".join(captured))
     return json.loads(storage.read_text(stage_manifest_url(cfg, stage, variant)))
+
+
+def rank_failure(stage: str, log_dir: Path, torchrun_output: str) -> LaunchError:
+    """What a failed torchrun run raises: `RankFailed`, one line naming the first failure and its real cause, or,
+    when that first failure is a rank that left no record (killed by a signal: SIGKILL, an OOM kill, a crash),
+    the multi-line `failure_report` of the failed ranks with their logs' tails.
+
+    Which failure comes first: among the ranks torchrun saw fail (not those it stopped afterwards), an expected
+    error (storage, corrupt data, config: a cause in itself), else a rank killed by a signal (its peers' errors,
+    e.g. gloo's "Connection closed by peer", follow from it), else any other error; by time within each."""
+    where = f"logs: {log_dir}"
+    failed = failed_ranks(torchrun_output)
+    records = [r for r in failures.read_records(log_dir / "failures") if not failed or r.rank in failed]
+    recorded = {r.rank for r in records}
+    killed = [rank for rank, code in failed.items() if rank not in recorded and code < 0 and code not in _STOP_CODES]
+    expected = [r for r in records if r.expected]
+    if expected or (records and not killed):
+        first = (expected or records)[0]
+        logs = sorted(log_dir.rglob(f"attempt_*/{first.rank}/stderr.log"))
+        if not first.expected and logs:
+            where = f"its traceback: {logs[-1]}; {where}"
+        others = len({rank for rank, code in failed.items() if code not in _STOP_CODES} | recorded) - 1
+        more = f"; {others} other rank(s) failed too" if others > 0 else ""
+        return RankFailed(f"stage {stage!r} failed on {first.describe()} ({where}{more})", rank=first.rank,
+                          error_type=first.type, cause=first.message, log_dir=str(log_dir))
+    return LaunchError(f"{failure_report(stage, log_dir, torchrun_output)}\n  ({where})")
+
+
+class _ConsoleFilter:
+    """Which lines of torchrun's output reach the console: rank 0's (tee'd, "[default0]:" prefix) without
+    tracebacks (a failure is reported in one line; the traceback stays in the rank's log) and noise.
+    torchrun's own lines (its warnings, its error summary) go to torchrun.log only."""
+
+    _RANK0 = "[default0]:"
+    _PREFIX = re.compile(r"^\[rank\d+\]:\s?")  # torch's excepthook prefixes a rank's traceback lines
+    _CHAIN = ("During handling of the above exception", "The above exception was the direct cause")
+
+    def __init__(self) -> None:
+        self.in_traceback = False
+
+    def show(self, line: str) -> str | None:
+        if not line.startswith(self._RANK0):
+            return None
+        text = line[len(self._RANK0):]
+        bare = self._PREFIX.sub("", text).rstrip("\n")
+        if bare.startswith("Traceback (most recent call last)"):
+            self.in_traceback = True
+            return None
+        if self.in_traceback:
+            # frames are indented; the first line at column 0 is the exception itself, which ends the block
+            if bare and not bare[0].isspace() and not bare.startswith(self._CHAIN):
+                self.in_traceback = False
+            return None
+        if not bare.strip() or bare.startswith(self._CHAIN) or _is_noise(text):
+            return None
+        return text
 
 
 @contextmanager

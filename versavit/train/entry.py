@@ -2,7 +2,11 @@
 
 `--stage` names a stage of the config's recipe (`train.recipe`, or VersaViT's warmup / multitask).
 
-Every rank runs this; the same file is the command of a PyTorchJob's containers.
+Every rank runs this; the same file is the command of a PyTorchJob's containers. The rank's lifeline
+comes first, before the seconds of torch / transformers imports (a launcher killed meanwhile takes the
+rank with it). A failure leaves a record naming its cause for the launcher (`versavit.train.failures`);
+an expected one (storage, corrupt data, config) ends the rank with exit status 1, its traceback in the
+rank's log only.
 """
 
 from __future__ import annotations
@@ -12,17 +16,18 @@ import logging
 import os
 import warnings
 
-from torch.distributed.elastic.multiprocessing.errors import record
-
-from versavit import storage
-from versavit.config import load_config
-from versavit.train import lifeline
-from versavit.train.loop import run_stage
+from versavit.train import failures, lifeline
 
 
-@record  # a failing rank leaves its traceback in torchrun's error file, so the launcher can show it
 def main() -> None:
     lifeline.follow_parent()  # no orphaned ranks: end with torchrun; SIGTERM runs the finally blocks
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    # a rank failing with an unexpected error leaves its traceback in torchrun's error file too
+    record(_run)()
+
+
+def _run() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stage", required=True, help="a stage name of the config's recipe")
     ap.add_argument("--config", required=True, help="resolved run config (YAML)")
@@ -36,8 +41,13 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    cfg = load_config(storage.localize_config(args.config), args.overrides)  # a pod gets an s3:// URL
-    with lifeline.quick_exit_when_signalled():
+    with lifeline.quick_exit_when_signalled(), failures.reported(rank):
+        from versavit import storage, weights
+        from versavit.config import load_config
+        from versavit.train.loop import run_stage
+
+        cfg = load_config(storage.localize_config(args.config), args.overrides)  # a pod gets an s3:// URL
+        cfg = weights.resolve(cfg)  # models from their staged copies (weights.url); a resolved config stays as is
         run_stage(cfg, args.stage, args.variant)
 
 
