@@ -41,6 +41,7 @@ from versavit.labeling.runtime import chunks, inference_dtype, load_failed, reso
 from versavit.weights import local_model_path
 
 CLASS_LABEL = "class-label"
+DESCRIBE_PROMPTING = 2  # bump when the prompt, crop or box convention changes: label records made before are redone
 DEFAULT_PROMPT = "Describe the highlighted object with a short referring phrase."
 DEFAULT_BOX_PROMPT = "Describe the object in the region {box} with a short referring phrase."
 CONTEXT = 0.25  # crop margin around the box, as a fraction of its size: some context helps naming

@@ -49,7 +49,7 @@ from versavit.data.done import read_done_records as _read_records
 from versavit.data.done import remove_stale_manifest as _remove_stale_manifest
 from versavit.data.loader import CorruptionStats, open_shards
 from versavit.data.shards import MANIFEST, Manifest, ShardInfo, ShardWriter, read_manifest
-from versavit.labeling.describe import CLASS_LABEL, Region, class_label, load_describer
+from versavit.labeling.describe import CLASS_LABEL, DESCRIBE_PROMPTING, Region, class_label, load_describer
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,10 @@ class DescribeLabeler(Labeler):
 
     @property
     def signature(self) -> dict[str, Any]:
-        return {"teacher": self.cfg.teachers.describer or CLASS_LABEL, "use_ground_truth": self.cfg.use_ground_truth}
+        # the prompting version: texts made by an older way of asking (e.g. focus crop before the Qwen-VL box
+        # prompt) are redone, not reused
+        return {"teacher": self.cfg.teachers.describer or CLASS_LABEL, "use_ground_truth": self.cfg.use_ground_truth,
+                "prompting": DESCRIBE_PROMPTING}
 
     def label(self, items: list[Item]) -> Counter:
         counts: Counter = Counter()
