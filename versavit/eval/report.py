@@ -2,9 +2,8 @@
 
 Tables take the shape of the paper's: rows are backbones (Table 3: Qwen2-VL ViT vs VersaViT; Table 4: one
 row per task subset of the ablation), columns are benchmark metrics; every row after the reference shows
-its delta to the reference in parentheses. One unit convention for every figure a person reads (this report,
-MLflow, `versavit compare`): mIoU, pixel accuracy, cIoU, AbsRel and delta1 in percent, RMSE in metres (as in
-the paper; `display_value`); comparison.json keeps raw fractions for programs and says so (`units`).
+its delta to the reference in parentheses. mIoU, cIoU, AbsRel and delta1 are printed in percent, RMSE in
+metres (as in the paper); the JSON keeps raw fractions.
 """
 
 from __future__ import annotations
@@ -46,32 +45,6 @@ BENCHMARK_LABELS = {"synthetic": "Synthetic", "ade20k": "ADE20k", "voc": "VOC", 
 
 def _finite(v: Any) -> bool:
     return isinstance(v, int | float) and math.isfinite(v)
-
-
-UNITS = "mIoU, pixel accuracy, cIoU, AbsRel and δ1 in %, RMSE in metres"
-
-
-def display_value(metric: str, value: float) -> float:
-    """`value` of `metric` (e.g. "probe/seg_miou", a raw fraction) in the units every person-facing figure uses:
-    the report's, MLflow's, `versavit compare`'s (UNITS; scale from METRICS). Other metrics pass unchanged."""
-    spec = METRICS.get(metric)
-    return float(value) * spec[2] if spec else float(value)
-
-
-def headline_metrics(table: Mapping[str, Any]) -> dict[str, float]:
-    """The comparison's headline figures, in display units: `<backbone>/<benchmark>/<group>/<metric>` for every
-    backbone and column of the table (`comparison_table`), and `delta/<backbone>/...` against the reference for
-    every other backbone: what goes on the pipeline's parent run, so the runs table compares experiments."""
-    out: dict[str, float] = {}
-    for section in table.get("sections", []):
-        for column in section["columns"]:
-            key, metric = column["key"], column["metric"]
-            for name in table["backbones"]:
-                if _finite(value := section["rows"][name].get(key)):
-                    out[f"{name}/{key}"] = display_value(metric, value)
-                if _finite(delta := section["deltas"].get(name, {}).get(key)):
-                    out[f"delta/{name}/{key}"] = display_value(metric, delta)
-    return out
 
 
 def comparison_table(metrics: Mapping[str, Mapping[str, Mapping[str, float]]], reference: str,
@@ -135,9 +108,7 @@ def write_tables(out_dir: Path, table: Mapping[str, Any], results: Mapping[str, 
     md = out_dir / "comparison.md"
     md.write_text(to_markdown(table, sources, title, notes))
     js = out_dir / "comparison.json"
-    units = {"values": "raw fractions (RMSE in metres); displayed: " + UNITS,
-             "scale": {m: spec[2] for m, spec in METRICS.items()}}
-    js.write_text(json.dumps({"table": table, **results, "units": units}, indent=1, default=_json_default))
+    js.write_text(json.dumps({"table": table, **results}, indent=1, default=_json_default))
     return [md, js]
 
 
