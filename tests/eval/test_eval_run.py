@@ -181,7 +181,7 @@ def test_published_layouts_end_to_end(eval_run: Path, tmp_path: Path, monkeypatc
     assert "zeroshot/depth_absrel" not in m["ade20k"]
     assert 0 <= m["refcoco"]["refseg/ciou"] <= 1 and "refseg/miou" in m["refcoco"]
     md = (tmp_path / "report" / "comparison.md").read_text()
-    assert "ADE20k mIoU" in md and "NYUv2 RMSE" in md and "RefCOCO cIoU" in md
+    assert "ADE20k mIoU" in md and "NYUv2 RMSE" in md and "RefCOCO val cIoU" in md and "RefCOCO testA cIoU" in md
     figures = {p.name for p in (tmp_path / "report" / "figures").iterdir()}
     assert {"seg_ade20k.png", "depth_nyu.png", "refseg_refcoco.png"} <= figures
 
