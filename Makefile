@@ -11,7 +11,7 @@ LOCK_PYTHONS := 3.10 3.11 3.12 3.13
 PIP_VERSION := 26.3
 PIP    := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup demo test lint imports bench lock clean
+.PHONY: setup demo test lint imports bench lock clean screenshots
 
 # torch==2.13.0 goes in first, with pip: a bare `torch` requirement would pull a multi-GB CUDA build
 # on a CPU machine (a GPU box gets PyPI's CUDA build of the same version). Then everything else
@@ -54,6 +54,13 @@ imports: setup
 
 bench: setup
 	$(PY) bench/data_loader.py
+
+# The MLflow UI in headless Chromium (apt-get install chromium): docs/mlflow-runs.png (runs table, saved headline
+# columns) and docs/mlflow-compare.png (compare page of the two newest runs). Runs the shrunk tiny pipeline into
+# SHOTS_WORKDIR until its store holds two pipeline runs (docs/screenshots.py).
+SHOTS_WORKDIR ?= runs/screenshots
+screenshots: setup
+	$(PY) docs/screenshots.py --workdir $(SHOTS_WORKDIR)
 
 # Re-resolve every lock from pyproject.toml, deliberately (never done by setup). Linux x86_64, the
 # platform of CI and of the images; torch pinned to the version the Makefile installs. Pins already

@@ -1,8 +1,9 @@
 """KFP v2 components: one per stage, thin wrappers over `versavit.stages` (no logic of their own).
 
 Inputs and outputs are strings: the resolved run config (JSON, no credentials: only the names of
-the env variables that hold them), URLs, and the MLflow parent run id. On the cluster every
-component runs in the versavit image; locally KFP's SubprocessRunner runs them in this Python.
+the env variables that hold them), URLs, and the MLflow parent run id. On the cluster each step
+runs in the image of its kind (below: the defaults; the pipelines set each task's image, CPU and
+memory from the config's launch section); locally KFP's SubprocessRunner runs them in this Python.
 Function bodies import what they need: KFP ships each body to its own process.
 """
 
@@ -11,17 +12,19 @@ import os
 
 from kfp import dsl
 
-# The image a cluster runs components in; `versavit pipeline compile` sets it from launch.image
-# (the environment variable is read at import, when the components are defined).
+# Default images of the components (read at import, when the components are defined). The pipelines
+# override each task's image from the config (pipelines._step_settings: launch.driver_image,
+# launch.labeler_image, launch.image), so a compiled pipeline follows its config whatever these are.
 IMAGE = os.environ.get("VERSAVIT_COMPONENT_IMAGE", "ghcr.io/versavit/trainer:0.1.0")
 LABELER_IMAGE = os.environ.get("VERSAVIT_LABELER_IMAGE", "ghcr.io/versavit/labeler:0.1.0")
+DRIVER_IMAGE = os.environ.get("VERSAVIT_DRIVER_IMAGE", "ghcr.io/versavit/driver:0.1.0")
 
 
-def _component(func):  # noqa: ANN001, ANN202 - decorator
-    return dsl.component(func, base_image=IMAGE, install_kfp_package=False)
+def _component(func):  # noqa: ANN001, ANN202 - decorator: a CPU step, in the small driver image (images/driver)
+    return dsl.component(func, base_image=DRIVER_IMAGE, install_kfp_package=False)
 
 
-def _labeler_component(func):  # noqa: ANN001, ANN202 - decorator: runs in the labeler image
+def _labeler_component(func):  # noqa: ANN001, ANN202 - decorator: a GPU step (labelling, evaluation)
     return dsl.component(func, base_image=LABELER_IMAGE, install_kfp_package=False)
 
 
@@ -62,7 +65,7 @@ def data_check(config_json: str, dataset_url: str, parent_run_id: str, kfp_run_i
     return stage_data_check(load_config_text(config_json), dataset_url, parent_run_id, kfp_run_id)
 
 
-@_component
+@_labeler_component
 def label(config_json: str, dataset_url: str, parent_run_id: str, kfp_run_id: str) -> str:
     """Pseudo-label the dataset (text embeddings; teacher depth/masks if configured)."""
     from versavit.config import load_config_text
@@ -80,7 +83,7 @@ def weights(config_json: str, parent_run_id: str, kfp_run_id: str) -> str:
     return stage_weights(load_config_text(config_json), parent_run_id, kfp_run_id)
 
 
-@_labeler_component
+@_component
 def prepare(config_json: str, shard_index: int, num_shards: int, parent_run_id: str, kfp_run_id: str) -> str:
     """One worker's slice of every data.datasets entry with a raw input: published layout -> versavit shards."""
     from versavit.config import load_config_text
@@ -113,7 +116,7 @@ def train(config_json: str, stage: str, variant: str, upstream: str, parent_run_
     return stage_train(load_config_text(config_json), stage, variant, parent_run_id, kfp_run_id)
 
 
-@_component
+@_labeler_component
 def evaluate(config_json: str, parent_run_id: str, kfp_run_id: str, manifest_1: str, manifest_2: str = "",
              manifest_3: str = "") -> str:
     """Probes, zero-shot depth, referring segmentation: the baseline vs. each trained stage (up to three

@@ -36,13 +36,55 @@ def _with_overrides(text: str, overrides: list[str]) -> str:
     return config_json(load_config_text(text, overrides))
 
 
-def _cluster_settings(task: dsl.PipelineTask, cfg: RunConfig, gpus: bool | int = False) -> dsl.PipelineTask:
-    """Secrets as env, /dev/shm, scheduling and GPUs for the cluster (ignored by the local runner). `gpus`: True
-    = launch.resources.gpus_per_node, or a count."""
+STEPS = ("driver", "prepare", "label", "eval", "train")  # the kinds of step `_cluster_settings` sizes
+
+
+def _step_settings(cfg: RunConfig, step: str) -> tuple[str, dict[str, str | None], int]:
+    """(image, {cpu, memory, cpu_limit}, GPUs) of a kind of step, all from the config:
+
+    - driver: MLflow parent run, weights, synthetic data, and `train` on a cluster backend (it only creates and
+      watches the PyTorchJob/TrainJob): launch.driver_image, launch.step_resources.driver, no GPU;
+    - prepare: each prepare worker (CPU): launch.driver_image, launch.step_resources.prepare;
+    - label: each label worker: launch.labeler_image, launch.step_resources.gpu, labeling.gpus_per_worker GPUs;
+    - eval: launch.labeler_image, launch.step_resources.gpu, eval.gpus GPUs;
+    - train: a cluster backend makes it a driver step; launch.backend local trains in the step's own pod:
+      launch.image, launch.resources, launch.resources.gpus_per_node GPUs.
+    """
+    launch, steps = cfg.launch, cfg.launch.step_resources
+    if step == "train" and launch.backend == "local":
+        res = launch.resources
+        return launch.image, {"cpu": res.cpu, "memory": res.memory, "cpu_limit": None}, res.gpus_per_node
+    if step in ("driver", "train"):
+        return launch.driver_image, steps.driver.model_dump(), 0
+    if step == "prepare":
+        return launch.driver_image, steps.prepare.model_dump(), 0
+    if step == "label":
+        return launch.labeler_image, steps.gpu.model_dump(), cfg.labeling.gpus_per_worker
+    if step == "eval":
+        return launch.labeler_image, steps.gpu.model_dump(), cfg.eval.gpus
+    raise ValueError(f"unknown step kind {step!r}; expected one of {STEPS}")
+
+
+# The downward API on every step (versavit.launch.identity.DOWNWARD_ENV, which a test holds equal): a train step
+# creates its job in its own namespace, owned by its pod.
+POD_FIELD_ENV = {"VERSAVIT_POD_NAMESPACE": "metadata.namespace", "VERSAVIT_POD_NAME": "metadata.name",
+                 "VERSAVIT_POD_UID": "metadata.uid"}
+
+
+def _cluster_settings(task: dsl.PipelineTask, cfg: RunConfig, step: str = "driver") -> dsl.PipelineTask:
+    """Image, CPU/memory, secrets as env, and for GPU steps GPUs, /dev/shm and scheduling, for the cluster
+    (ignored by the local runner); `step` is a kind of STEPS (`_step_settings`). GPUs are requested only where
+    the cluster has them (launch.resources.gpus_per_node > 0)."""
     from kfp import kubernetes
 
     from versavit.weights import pod_env
 
+    image, res, count = _step_settings(cfg, step)
+    task.set_container_image(image)
+    task.set_cpu_request(res["cpu"])
+    if res["cpu_limit"]:
+        task.set_cpu_limit(res["cpu_limit"])
+    task.set_memory_request(res["memory"]).set_memory_limit(res["memory"])  # a leak: an OOMKill with a reason
     for name, value in pod_env(cfg).items():  # e.g. the hub offline once weights are staged
         task.set_env_variable(name, value)
     by_secret: dict[str, dict[str, str]] = {}
@@ -51,7 +93,8 @@ def _cluster_settings(task: dsl.PipelineTask, cfg: RunConfig, gpus: bool | int =
         by_secret.setdefault(secret, {})[key] = env
     for secret, mapping in by_secret.items():
         kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env=mapping)
-    count = cfg.launch.resources.gpus_per_node if gpus is True else int(gpus)
+    for env, field_path in POD_FIELD_ENV.items():  # the step's pod: where and by whom training jobs are owned
+        kubernetes.use_field_path_as_env(task, env_name=env, field_path=field_path)
     if count and cfg.launch.resources.gpus_per_node:
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=cfg.launch.resources.shm_size)
@@ -79,7 +122,7 @@ def make_pipeline(cfg: RunConfig) -> Callable:
             upstream = _data_and_labels(c, cfg, config_json, parent, run_id, check=True)
             last = _train_chain(c, cfg, config_json, "", upstream, parent, run_id)
             ev = c.evaluate(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id, manifest_1=last)
-            _cluster_settings(ev, cfg, gpus=True)
+            _cluster_settings(ev, cfg, "eval")
 
     return versavit
 
@@ -115,7 +158,7 @@ def _weights_and_datasets(c, cfg: RunConfig, config_json, parent, run_id) -> lis
         with dsl.ParallelFor(items=list(range(workers)), parallelism=workers, name=name) as index:
             task = make(index).set_retry(RETRIES).after(*last)
             task.set_display_name(name)
-            _cluster_settings(task, cfg, gpus=cfg.labeling.gpus_per_worker if name.startswith("label") else 0)
+            _cluster_settings(task, cfg, "label" if name.startswith("label") else "prepare")
         last = [task]
     return last
 
@@ -127,6 +170,8 @@ def _tracked(c, cfg: RunConfig, config_json, run_id):  # noqa: ANN001, ANN202
     closer = _cluster_settings(c.close_run(config_json=config_json, kfp_run_id=run_id), cfg)
     with dsl.ExitHandler(closer, name="track-run"):
         opened = c.open_run(config_json=config_json, kfp_run_id=run_id).set_caching_options(False)
+        # the parent run's pipeline-kind tag (versavit.tracking.identity); not in the config, so its hash is the same
+        opened.set_env_variable("VERSAVIT_PIPELINE", dsl.pipeline_context.Pipeline.get_default_pipeline().name)
         yield _cluster_settings(opened, cfg).output
 
 
@@ -142,7 +187,7 @@ def _data_and_labels(c, cfg: RunConfig, config_json, parent, run_id, check: bool
                                        kfp_run_id=run_id), cfg)
     labelled = c.label(config_json=config_json, dataset_url=data.output, parent_run_id=parent,
                        kfp_run_id=run_id).set_retry(RETRIES)
-    return _cluster_settings(labelled, cfg, gpus=True).output
+    return _cluster_settings(labelled, cfg, "label").output
 
 
 def _split_upstream(upstream) -> tuple:  # noqa: ANN001
@@ -158,7 +203,7 @@ def _train_chain(c, cfg: RunConfig, config_json, variant: str, upstream, parent,
                     parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES).after(*after)
         after = []
         t.set_display_name(f"{stage.name}-{variant}" if variant else stage.name)
-        upstream = _cluster_settings(t, cfg).output
+        upstream = _cluster_settings(t, cfg, "train").output
     return upstream
 
 
@@ -180,16 +225,16 @@ def make_ablation_pipeline(cfg: RunConfig) -> Callable:
             upstream, after = _split_upstream(_data_and_labels(c, cfg, config_json, parent, run_id))
             warm = _cluster_settings(c.train(config_json=config_json, stage="warmup", variant="", upstream=upstream,
                                              parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES).after(*after),
-                                     cfg)
+                                     cfg, "train")
             outs = []
             for name, branch_yaml in branches.items():
                 t = c.train(config_json=branch_yaml, stage="multitask", variant=name, upstream=warm.output,
                             parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES)
                 t.set_display_name(f"multitask-{name}")
-                outs.append(_cluster_settings(t, cfg).output)
+                outs.append(_cluster_settings(t, cfg, "train").output)
             ev = c.evaluate(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id,
                             manifest_1=outs[0], manifest_2=outs[1], manifest_3=outs[2])
-            _cluster_settings(ev, cfg, gpus=True)
+            _cluster_settings(ev, cfg, "eval")
 
     return ablation
 
@@ -229,7 +274,7 @@ def make_recipes_pipeline(cfg: RunConfig) -> Callable:
                     for variant, (branch, branch_json) in branches.items()]
             ev = c.evaluate(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id,
                             manifest_1=last[0], manifest_2=last[1], manifest_3=last[2])
-            _cluster_settings(ev, cfg, gpus=True)
+            _cluster_settings(ev, cfg, "eval")
 
     return recipes
 

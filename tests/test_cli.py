@@ -94,7 +94,7 @@ def test_unknown_command_is_one_line_with_a_suggestion(args: tuple[str, ...], li
 
 
 @pytest.mark.parametrize(("args", "start"), [
-    (("pipeline", "submit"), "error: Missing option '--host'."),
+    (("pipeline", "submit"), "error: Missing option '--host'."),  # data synth's --out has a default now
     (("data", "synth", "--out", "X", "-n", "-3"), "error: Invalid value for '--num-samples' / '-n': "),
     (("data", "synth", "--out", "X", "-n", "many"), "error: Invalid value for '--num-samples' / '-n': "),
     (("data", "synth", "--out", "X", "--bogus"), "error: No such option: --bogus"),

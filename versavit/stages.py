@@ -11,20 +11,36 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from versavit import layout, storage, weights
-from versavit.config import RunConfig, config_hash, config_to_dict
-from versavit.tracking import make_tracker, replay_pending, run_tags, set_run_context, stage_run
+from versavit import layout, storage
+from versavit.config import RunConfig, config_hash
+from versavit.tracking import (
+    identity_tags,
+    make_tracker,
+    parent_run_name,
+    readable_params,
+    replay_pending,
+    run_tags,
+    set_run_context,
+    stage_run,
+)
 
 
 def open_pipeline_run(cfg: RunConfig, kfp_run_id: str | None = None) -> str:
-    """Create the pipeline's MLflow parent run (flattened config as params); returns its id."""
+    """Create the pipeline's MLflow parent run, named `<config>-<hash>-<time>` (or `$VERSAVIT_RUN_NAME`, made
+    unique in the experiment), with its description and identity tags (`versavit.tracking.identity`) and the
+    config as readable params; returns its id."""
     storage.configure(cfg.storage)
     storage.ensure_bucket(cfg.workdir)
     set_run_context(None, kfp_run_id)
     tracker = make_tracker(cfg)
-    parent = tracker.start_pipeline_run(cfg.name, tags={**run_tags(cfg), "versavit.workdir": cfg.workdir,
-                                                        "versavit.pipeline": "true"})
-    tracker.log_config(parent, config_to_dict(cfg))
+    name = base = parent_run_name(cfg)
+    for n in range(2, 100):  # a --run-name given twice, or two runs of one config in one second
+        if tracker.find_run_id({"mlflow.runName": name}) is None:
+            break
+        name = f"{base}-{n}"
+    parent = tracker.start_pipeline_run(name, tags={**run_tags(cfg), "versavit.workdir": cfg.workdir,
+                                                    **identity_tags(cfg)})
+    tracker.log_config(parent, readable_params(cfg))
     run_id = tracker.run_id(parent) or ""
     tracker.close()
     return run_id
@@ -78,6 +94,7 @@ def stage_label(cfg: RunConfig, dataset_url: str, parent_run_id: str | None = No
                 kfp_run_id: str | None = None) -> str:
     """Run the labelling steps over both splits of the synthetic world at `dataset_url`; returns the labelled
     dataset root URL."""
+    from versavit import weights
     from versavit.labeling.jobs import label_dataset
     from versavit.progress import per_name, progress_bar
 
@@ -161,6 +178,7 @@ def stage_label_datasets(cfg: RunConfig, kind: str, shard_index: int = 0, num_sh
     """Worker `shard_index` of `num_shards` of label step `kind` on every `data.datasets` entry that lists it
     (`dataset_label_chains`); the worker finishing a dataset's last shard writes its manifest. Returns the
     summaries as JSON."""
+    from versavit import weights
     from versavit.labeling.jobs import label_dataset
     from versavit.progress import per_name, progress_bar
 
@@ -184,6 +202,7 @@ def label_shards(cfg: RunConfig, kind: str, input_url: str, output_url: str, sha
                  num_shards: int = 1) -> dict[str, Any]:
     """One worker's slice of a labelling job (`versavit label <kind>`), as a tracked stage run; returns
     the job's summary. The worker that finishes the last shard writes the output manifest."""
+    from versavit import weights
     from versavit.data.shards import read_manifest
     from versavit.labeling.jobs import label_dataset
     from versavit.progress import progress_bar
@@ -215,6 +234,7 @@ def stage_train(cfg: RunConfig, stage: str, variant: str = "", parent_run_id: st
 
     A finished stage with the same config is reused; an interrupted one resumes from its checkpoint.
     """
+    from versavit import weights
     from versavit.data.inputs import missing_stage_inputs
     from versavit.launch import get_launcher
 
@@ -230,8 +250,23 @@ def stage_train(cfg: RunConfig, stage: str, variant: str = "", parent_run_id: st
     if missing := missing_stage_inputs(cfg, stage):  # before any job or process starts
         raise storage.StorageError(f"{layout.run_name(stage, variant)}: {missing[0]}"
                                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""), kind="missing")
+    # GPU runs: the capacity plan (memory per micro-step, time, storage) to MLflow as run plan_<stage>. It traces the
+    # model with transformers, which the driver image of cluster backends leaves out: imported only where present
+    plan = _optional_module("versavit.train.plan")
+    if plan is not None and plan.should_plan(cfg):
+        plan.log_plan(cfg, stage, variant)
     get_launcher(cfg).launch(cfg, stage, variant=variant)  # local torchrun, PyTorchJob or TrainJob
     return manifest_url
+
+
+def _optional_module(name: str) -> Any:
+    """`name` imported, or None where its dependencies are not installed (an optional step, never a failure)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 def stage_eval(cfg: RunConfig, exports: dict[str, str], parent_run_id: str | None = None,
@@ -242,7 +277,27 @@ def stage_eval(cfg: RunConfig, exports: dict[str, str], parent_run_id: str | Non
     set_run_context(parent_run_id, kfp_run_id)
     storage.configure(cfg.storage)
     result: dict[str, Any] = run_eval(cfg, exports=exports)
+    _publish_evaluation(cfg, result, exports)
     return str(result.get("report_dir", ""))
+
+
+def _publish_evaluation(cfg: RunConfig, result: dict[str, Any], exports: dict[str, str]) -> None:
+    """The headline figures onto the parent run, and each trained export's onto the model versions of the run
+    that trained it (its stage.json beside export/ names that run)."""
+    from versavit.eval.report import backbone_figures, headline_metrics
+    from versavit.tracking import publish_evaluation
+
+    table = result.get("table", {})
+    trained = {}
+    for variant, url in exports.items():
+        name, export = variant or "trained", url.rstrip("/")
+        try:
+            done = json.loads(storage.read_text(storage.join(export.removesuffix("/export"), "stage.json")))
+        except (storage.StorageError, ValueError):
+            continue
+        if export.endswith("/export") and done.get("mlflow_run_id"):
+            trained[name] = (done["mlflow_run_id"], backbone_figures(table, name))
+    publish_evaluation(cfg, headline_metrics(table), result.get("mlflow_run_id"), trained)
 
 
 def stage_eval_manifests(cfg: RunConfig, manifests: list[str], parent_run_id: str | None = None,
@@ -260,6 +315,7 @@ def stage_weights(cfg: RunConfig, parent_run_id: str | None = None, kfp_run_id: 
     """Stage every checkpoint the run loads to `weights.url` once (`versavit.weights.stage_weights`: copies that
     are complete with the same source and revision are skipped); logs each model's revision and staged URL
     (params) and size (metric, bytes). Returns `weights.url` ("" when unset: models load as configured)."""
+    from versavit import weights
     from versavit.progress import per_name, progress_bar
 
     set_run_context(parent_run_id, kfp_run_id)

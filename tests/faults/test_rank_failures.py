@@ -89,7 +89,7 @@ def test_s3_stopped_mid_training_is_one_stderr_line_naming_rank_url_and_cause(ow
     lines = [ln for ln in err.splitlines() if ln.strip()]
     # rank 0's log and progress lines stream to the console (a read cut off mid-shard may add a warning
     # that samples were skipped); the failure adds one line and nothing else
-    progress = [ln for ln in lines if ln.startswith("[rank 0] ") or ln.startswith("multitask depth=")]
+    progress = [ln for ln in lines if ln.startswith(("[rank 0] ", "multitask depth=", "multitask step "))]
     assert len([ln for ln in lines if ln not in progress]) == 1, lines
     (error,) = [ln for ln in lines if ln not in progress]
     print(f"\nexit {proc.returncode} {took:.1f} s after the endpoint stopped; stderr: {len(lines)} line(s), "

@@ -80,7 +80,7 @@ def test_registered_versions_have_distinct_immutable_sources(tmp_path: Path, one
         def set_tags(self, run, tags):
             pass
 
-        def register_model(self, run, name, source):
+        def register_model(self, run, name, source, **meta):  # meta: tags, description
             self.registered.append((name, source))
 
     first_cfg = _cfg(tmp_path)

@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded: teachers load from tmp dirs
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -14,6 +15,18 @@ import pytest  # noqa: E402
 from versavit.config.schema import SyntheticConfig  # noqa: E402
 from versavit.data.build import build_synthetic  # noqa: E402
 from versavit.labeling import tiny  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """The tensors here are tiny: with a second intra-op thread, synchronisation costs more than the work (several
+    times slower on a busy 2-core machine). Restored after each test."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

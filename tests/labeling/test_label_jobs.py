@@ -307,23 +307,30 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def test_cli_label_embed_and_finalize(world: str, teachers: dict[str, str], tmp_path: Path) -> None:
+def test_cli_label_embed_and_finalize(world: str, teachers: dict[str, str], tmp_path: Path, cli_main,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers, --finalize and a bad --shard-index through the CLI's main() in this process (a fresh process would
+    spend ~8 s importing torch and the teacher's libraries per call), and the finalize error once from a real
+    process: its one line and exit status as a user sees them."""
+    monkeypatch.chdir(tmp_path)  # a default workdir (runs/tiny) lands here, not in the repository
+    config = str(ROOT / "configs/tiny.yaml")
     out = str(tmp_path / "out")
-    res = cli("label", "embed", "--config", "configs/tiny.yaml", "--input", world, "--output", out,
-              "--shard-index", "1", "--num-shards", "2", f"labeling.teachers.embedder={teachers['embedder']}",
-              "tracking.enabled=false", f"workdir={tmp_path / 'run'}")
-    assert res.returncode == 0, res.stderr
-    assert "shards_processed" in res.stderr and "not yet (2 shard(s) missing)" in res.stderr
+    code, err = cli_main("label", "embed", "--config", config, "--input", world, "--output", out, "--shard-index", "1",
+                         "--num-shards", "2", f"labeling.teachers.embedder={teachers['embedder']}",
+                         "tracking.enabled=false", f"workdir={tmp_path / 'run'}")
+    assert code == 0, err
+    assert "shards_processed" in err and "not yet (2 shard(s) missing)" in err
     res = cli("label", "embed", "--finalize", "--input", world, "--output", out, "-c", "configs/tiny.yaml",
               f"labeling.teachers.embedder={teachers['embedder']}")
     assert res.returncode == 1 and "2 shard(s) not done yet: [0, 2]" in res.stderr
-    res = cli("label", "embed", "-c", "configs/tiny.yaml", "-i", world, "-o", out, "--shard-index", "0",
-              "--num-shards", "2", f"labeling.teachers.embedder={teachers['embedder']}", "tracking.enabled=false")
-    assert res.returncode == 0, res.stderr
+    code, err = cli_main("label", "embed", "-c", config, "-i", world, "-o", out, "--shard-index", "0",
+                         "--num-shards", "2", f"labeling.teachers.embedder={teachers['embedder']}",
+                         "tracking.enabled=false")
+    assert code == 0, err
     assert read_manifest(out).num_samples == 8
-    res = cli("label", "embed", "-c", "configs/tiny.yaml", "-i", world, "-o", out, "--shard-index", "2",
-              "--num-shards", "2")
-    assert res.returncode == 2 and "--shard-index" in res.stderr + res.stdout
+    code, err = cli_main("label", "embed", "-c", config, "-i", world, "-o", out, "--shard-index", "2",
+                         "--num-shards", "2")
+    assert code == 2 and "--shard-index" in err
 
 
 def test_unknown_kind_is_rejected(world: str, teachers: dict[str, str], tmp_path: Path) -> None:

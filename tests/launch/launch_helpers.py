@@ -46,3 +46,18 @@ def cluster_overrides(backend: str) -> list[str]:
             "launch.secret_env.AWS_SECRET_ACCESS_KEY=minio-credentials/secret-key"]
 
 
+
+
+@functools.cache
+def _crd_validator(kind: str) -> Any:
+    import jsonschema
+
+    schema = crd_schema(kind)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)  # once per kind: for these schemas it costs seconds, the validation milliseconds
+    return cls(schema)
+
+
+def validate_crd(obj: dict[str, Any], kind: str) -> None:
+    """`jsonschema.validate(obj, crd_schema(kind))` without re-checking the schema on every call."""
+    _crd_validator(kind).validate(obj)

@@ -3,6 +3,7 @@ and free of credential values."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -191,3 +192,84 @@ def test_localize_config_fetches_urls(s3: str, tmp_path: Path, monkeypatch: pyte
     path = localize_config(url)
     assert Path(path).read_text() == "name: fetched\n"
     assert load_config(path).name == "fetched"
+
+
+# --------------------------------------------------------------------------------------------
+# the fast network (launch.network): NCCL env, RDMA devices, IPC_LOCK, hostNetwork
+
+RDMA = "rdma/rdma_shared_device_a"
+NETWORK = ["launch.network.nccl_env.NCCL_IB_HCA=mlx5_0,mlx5_1", "launch.network.nccl_env.NCCL_SOCKET_IFNAME=eth0",
+           f"launch.network.rdma_resources={{{RDMA}: 1}}", "launch.network.ipc_lock=true",
+           "launch.network.host_network=true"]
+
+
+@functools.cache
+def crd_validator(kind: str) -> jsonschema.Draft7Validator:
+    """A validator of crd_schema(kind): jsonschema.validate would check the (large) schema itself on every call,
+    which test_validates_against_crd_schema already does."""
+    return jsonschema.Draft7Validator(crd_schema(kind))
+
+
+def network_cfg(kind: str) -> RunConfig:
+    runtime = ["launch.trainjob_runtime=versavit-torch", "launch.trainjob_runtime_kind=TrainingRuntime"]
+    return load_config(ROOT / "configs/paper.yaml", NETWORK + (runtime if kind == "TrainJob" else []))
+
+
+def k8s_validate_pod_template(template: dict[str, Any]) -> None:
+    """A job's pod template as a core v1 PodTemplate through kubernetes-validate (strict: unknown fields fail)."""
+    import kubernetes_validate
+
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
+                                  "template": template}, "1.33.0", strict=True)
+
+
+def test_network_knobs_reach_the_pytorchjob_pods() -> None:
+    obj = build_pytorchjob(network_cfg("PyTorchJob"), "multitask", CONFIG_URL)
+    crd_validator("PyTorchJob").validate(obj)
+    for rep in obj["spec"]["pytorchReplicaSpecs"].values():
+        pod = rep["template"]["spec"]
+        assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+        (c,) = pod["containers"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["NCCL_IB_HCA"] == "mlx5_0,mlx5_1" and env["NCCL_SOCKET_IFNAME"] == "eth0"
+        assert c["resources"]["requests"][RDMA] == c["resources"]["limits"][RDMA] == "1"
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"  # the GPUs stay
+        assert c["securityContext"] == {"allowPrivilegeEscalation": False,
+                                        "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]}}
+        k8s_validate_pod_template(rep["template"])
+
+
+def test_network_knobs_reach_the_trainjob() -> None:
+    obj = build_trainjob(network_cfg("TrainJob"), "multitask", CONFIG_URL)
+    crd_validator("TrainJob").validate(obj)
+    spec = obj["spec"]
+    # hostNetwork and IPC_LOCK: a TrainJob has no field for them, the named runtime carries them
+    assert spec["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
+                                  "name": "versavit-torch"}
+    env = {e["name"]: e.get("value") for e in spec["trainer"]["env"]}
+    assert env["NCCL_IB_HCA"] == "mlx5_0,mlx5_1" and env["NCCL_SOCKET_IFNAME"] == "eth0"
+    res = spec["trainer"]["resourcesPerNode"]
+    assert res["requests"][RDMA] == res["limits"][RDMA] == "1"
+
+
+def test_trainjob_refuses_host_network_on_the_stock_runtime() -> None:
+    cfg = load_config(ROOT / "configs/paper.yaml", ["launch.network.host_network=true"])
+    with pytest.raises(LaunchError, match="trainjob_runtime"):
+        build_trainjob(cfg, "multitask", CONFIG_URL)
+    # NCCL env and RDMA devices need no runtime support
+    cfg = load_config(ROOT / "configs/paper.yaml", NETWORK[:3])
+    assert build_trainjob(cfg, "multitask", CONFIG_URL)["spec"]["runtimeRef"]["name"] == "torch-distributed"
+
+
+@pytest.mark.parametrize("kind", ["PyTorchJob", "TrainJob"])
+def test_network_knobs_are_absent_by_default(kind: str) -> None:
+    obj = build(kind, "tiny")
+    text = json.dumps(obj)
+    for absent in ("hostNetwork", "dnsPolicy", "IPC_LOCK", "NCCL_", "rdma"):
+        assert absent not in text, absent
+    if kind == "PyTorchJob":
+        template = obj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+        assert template["spec"]["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        k8s_validate_pod_template(template)
+    else:
+        assert obj["spec"]["runtimeRef"]["name"] == "torch-distributed"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from versavit.config import load_config
+from versavit.config import ConfigError, load_config
 from versavit.kfp.cluster import compile_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +48,9 @@ def test_full_pipeline_stages_in_order(tmp_path: Path) -> None:
     assert "train-2" in deps["evaluate"]
     # the exit handler closes the MLflow parent run whatever happens
     assert any("close-run" in t["componentRef"]["name"] for t in spec["root"]["dag"]["tasks"].values())
+    # a CPU config (launch.resources.gpus_per_node 0): no step asks for a GPU
+    assert not any("accelerator" in ex["container"].get("resources", {})
+                   for ex in spec["deploymentSpec"]["executors"].values())
 
 
 def test_paper_pipeline_references_secrets_by_name_only(tmp_path: Path) -> None:
@@ -88,7 +91,9 @@ def test_paper_pipeline_stages_weights_prepares_and_labels_before_training(tmp_p
         inner_task = next(iter(spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"].values()))
         executor = spec["deploymentSpec"]["executors"][spec["components"][inner_task["componentRef"]["name"]]
                                                        ["executorLabel"]]
-        assert executor["container"]["image"] == "ghcr.io/versavit/labeler:0.1.0"  # not the trainer image
+        # prepare: the small CPU driver image; labelling: the labeler image (never the trainer's)
+        image = "ghcr.io/versavit/labeler:0.1.0" if name.startswith("label") else "ghcr.io/versavit/driver:0.1.0"
+        assert executor["container"]["image"] == image, name
         resources = executor["container"].get("resources", {})
         gpus = resources.get("accelerator", {}).get("resourceCount")
         assert gpus == ("1" if name.startswith("label") else None), (name, resources)
@@ -131,10 +136,14 @@ def test_ablation_branches_share_data_and_warmup(tmp_path: Path) -> None:
 def test_cli_compile_writes_yaml(tmp_path: Path) -> None:
     out = tmp_path / "pipeline.yaml"
     res = subprocess.run([sys.executable, "-m", "versavit.cli", "pipeline", "compile", "--config",
-                          "configs/paper.yaml", "--output", str(out), "launch.image=registry.local/vv:9"],
+                          "configs/paper.yaml", "--output", str(out), "launch.image=registry.local/vv:9",
+                          "launch.driver_image=registry.local/driver:9"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert "registry.local/vv:9" in out.read_text()
+    spec = yaml.safe_load_all(out.read_text()).__next__()
+    images = {ex["container"]["image"] for ex in spec["deploymentSpec"]["executors"].values()}
+    assert "registry.local/driver:9" in images  # the image per step comes from the config
+    assert "registry.local/vv:9" in out.read_text()  # the trainer image: in the embedded config, for the jobs
 
 
 def test_recipes_pipeline_branches_run_their_stages_in_order(tmp_path: Path) -> None:
@@ -183,3 +192,74 @@ def test_full_pipeline_follows_an_explicit_recipe(tmp_path: Path) -> None:
     assert "train-4" in deps["evaluate"]
     with pytest.raises(ValueError, match="ablation"):
         compiled(tmp_path, "ablation", "configs/recipes/sailvit.yaml")
+
+
+# ------------------------------------------------------------------------------------------------
+# right-sized steps: image, CPU/memory and GPUs of each step come from the config
+
+
+def _executors(spec: dict) -> tuple[dict[str, dict], dict[str, dict]]:
+    """executor label -> its container; executor label -> its kubernetes platform settings."""
+    docs = list(yaml.safe_load_all(spec["_text"]))
+    containers = {name: ex["container"] for name, ex in spec["deploymentSpec"]["executors"].items()}
+    return containers, docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _sizes(container: dict) -> tuple[str | None, str | None, str | None, str | None, str | None]:
+    res = container.get("resources", {})
+    return (res.get("resourceCpuRequest"), res.get("resourceCpuLimit"), res.get("resourceMemoryRequest"),
+            res.get("resourceMemoryLimit"), res.get("accelerator", {}).get("resourceCount"))
+
+
+def test_paper_pipeline_steps_are_right_sized(tmp_path: Path) -> None:
+    """Driver steps (MLflow parent run, weights, train, which only creates and watches the PyTorchJob; prepare)
+    run in the small driver image with CPU/memory requests and no GPU or GPU-node selector; labelling and
+    evaluation run in the labeler image on 1 GPU each; nothing runs in the trainer image (that is the jobs')."""
+    containers, platform = _executors(compiled(tmp_path, "versavit"))
+    driver, labeler = "ghcr.io/versavit/driver:0.1.0", "ghcr.io/versavit/labeler:0.1.0"
+    expected = {"exec-open-run": (driver, ("500m", "2", "2Gi", "2Gi", None)),
+                "exec-close-run": (driver, ("500m", "2", "2Gi", "2Gi", None)),
+                "exec-weights": (driver, ("500m", "2", "2Gi", "2Gi", None)),
+                "exec-train": (driver, ("500m", "2", "2Gi", "2Gi", None)),
+                "exec-train-2": (driver, ("500m", "2", "2Gi", "2Gi", None)),
+                "exec-prepare": (driver, ("4", None, "16Gi", "16Gi", None)),
+                "exec-evaluate": (labeler, ("8", None, "64Gi", "64Gi", "1"))}
+    expected |= {name: (labeler, ("8", None, "64Gi", "64Gi", "1")) for name in containers
+                 if name.startswith("exec-label-datasets")}
+    assert set(containers) == set(expected)
+    for name, (image, sizes) in expected.items():
+        assert (containers[name]["image"], _sizes(containers[name])) == (image, sizes), name
+        on_gpu = sizes[-1] is not None
+        # only GPU steps are pinned to the GPU nodes (and get /dev/shm); drivers schedule anywhere
+        assert ("nodeSelector" in platform.get(name, {})) == on_gpu, name
+        assert bool(platform.get(name, {}).get("emptyDirMounts")) == on_gpu, name
+    assert not any("trainer" in c["image"] for c in containers.values())
+
+
+def test_step_images_and_sizes_follow_the_config(tmp_path: Path) -> None:
+    spec = compiled(tmp_path, "versavit", "configs/tiny.yaml", "launch.backend=pytorchjob",
+                    "launch.resources.gpus_per_node=8", "launch.driver_image=registry.local/driver:7",
+                    "launch.labeler_image=registry.local/labeler:7", "launch.step_resources.driver.memory=3Gi",
+                    "launch.step_resources.driver.cpu_limit=null", "launch.step_resources.gpu.cpu=12", "eval.gpus=4",
+                    "labeling.gpus_per_worker=2")
+    containers, _ = _executors(spec)
+    for name in ("exec-open-run", "exec-data", "exec-train", "exec-train-2"):
+        assert containers[name]["image"] == "registry.local/driver:7", name
+        assert _sizes(containers[name]) == ("500m", None, "3Gi", "3Gi", None), name
+    assert containers["exec-evaluate"]["image"] == containers["exec-label"]["image"] == "registry.local/labeler:7"
+    assert _sizes(containers["exec-evaluate"]) == ("12", None, "64Gi", "64Gi", "4")  # eval.gpus
+    assert _sizes(containers["exec-label"]) == ("12", None, "64Gi", "64Gi", "2")  # labeling.gpus_per_worker
+    with pytest.raises(ConfigError, match="memory"):
+        load_config(ROOT / "configs/paper.yaml", ["launch.step_resources.driver.memory=2GB"])
+
+
+def test_local_backend_trains_in_the_step_pod(tmp_path: Path) -> None:
+    """launch.backend local on a cluster: the train step runs torchrun itself, so it gets the trainer image,
+    launch.resources and the node's GPUs (with gpus_per_node 0, none: test_full_pipeline_stages_in_order)."""
+    spec = compiled(tmp_path, "versavit", "configs/tiny.yaml", "launch.resources.gpus_per_node=2",
+                    "launch.image=registry.local/trainer:7")
+    containers, _ = _executors(spec)
+    assert containers["exec-train"]["image"] == "registry.local/trainer:7"
+    assert _sizes(containers["exec-train"]) == ("8", None, "64Gi", "64Gi", "2")
+    assert containers["exec-data"]["image"] == "ghcr.io/versavit/driver:0.1.0"
+    assert _sizes(containers["exec-label"])[-1] == "1"

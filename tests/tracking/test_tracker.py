@@ -111,8 +111,8 @@ def test_config_params_flattened_chunked_truncated(uri: str,
     }
     flat = flatten_config(config)
     assert flat["train.multitask.max_steps"] == "1000"
-    assert flat["train.tasks.1"] == "seg" and flat["empty"] == "{}"
-    assert len(flat) == 156
+    assert flat["train.tasks"] == "depth,seg" and flat["empty"] == "{}"  # a list reads as one value
+    assert len(flat) == 155
 
     tracker = Tracker(uri, "versavit-test")
     run = tracker.start_pipeline_run("cfg")
@@ -121,11 +121,11 @@ def test_config_params_flattened_chunked_truncated(uri: str,
     tracker.close()
 
     params = MlflowClient(uri).get_run(run.run_id).data.params
-    assert len(params) == 156
+    assert len(params) == 155
     assert params["train.multitask.max_steps"] == "1000"
     assert params["layers.l149.dim"] == "149"
     assert params["notes"] == "x" * 6000
-    assert spy.calls == 2  # 156 params -> chunks of 100 + 56
+    assert spy.calls == 2  # 155 params -> chunks of 100 + 55
 
 
 def test_metrics_are_batched(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -339,11 +339,16 @@ def test_helpers(tmp_path: Path) -> None:
     assert (tmp_path / "w").is_dir()
     assert _redact("https://alice:pw@mlflow.example:5000/x") == "https://***@mlflow.example:5000/x"
     assert flatten_config({"a": [{"b": None}], "c": ()}) == {"a.0.b": "None", "c": "()"}
+    # lists of plain values read as one value; lists of named mappings are keyed by name
+    assert flatten_config({"t": ["caption", "depth"], "r": [{"name": "coarse", "lr": 1}, {"name": "fine", "lr": 2}],
+                           "m": [[1, 2], 3]}) == {"t": "caption,depth", "r.coarse.name": "coarse", "r.coarse.lr": "1",
+                                                  "r.fine.name": "fine", "r.fine.lr": "2", "m.0": "1,2", "m.1": "3"}
 
 
-def test_register_model_versions(tmp_path: Path) -> None:
+def test_register_model_versions(tmp_path: Path, _migrated_db: Path) -> None:
     from versavit.tracking import Tracker
 
+    shutil.copy(_migrated_db, tmp_path / "reg.db")
     uri = f"sqlite:///{tmp_path}/reg.db"
     tracker = Tracker(uri, "versavit-test")
     run = tracker.start_pipeline_run("p")

@@ -7,15 +7,28 @@ import os
 import shutil
 import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from train_helpers import ROOT, add_embeddings, tiny_overrides, train_cmd
+from train_helpers import ROOT, TRAINED_STEPS, add_embeddings, tiny_overrides, train_cmd
 
 from versavit.config import load_config
 from versavit.config.schema import SyntheticConfig
 from versavit.data.build import build_synthetic
 from versavit.layout import synthetic_root
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """The tensors here are tiny: with a second intra-op thread, synchronisation costs more than the work (several
+    times slower on a busy 2-core machine). Restored after each test."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -28,9 +41,6 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for split in ("train", "val"):
         add_embeddings(f"{root}/{split}")
     return workdir
-
-
-TRAINED_STEPS = 40
 
 
 @pytest.fixture(scope="session")

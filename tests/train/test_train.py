@@ -92,25 +92,34 @@ def _wait_for(path: Path, predicate, timeout: float) -> None:
 
 @pytest.mark.slow
 def test_sigkill_after_checkpoint_then_resume_reproduces_losses(tiny_world: Path, tmp_path: Path) -> None:
+    # Tracking off: what MLflow shows of a killed and reopened stage is tests/tracking/test_replay.py's; here each
+    # of the three launches would spend ~10 s on MLflow (its import, the SQLite schema) that no assertion reads.
     common = ["train.multitask.max_steps=12", "train.multitask.checkpoint_interval=4", "train.precision=fp32",
-              "data.num_workers=1"]
+              "data.num_workers=1", "tracking.enabled=false"]
     ref = workdir_with_data(tiny_world, tmp_path / "ref")
-    res = subprocess.run(train_cmd(ref, "multitask", *common), cwd=ROOT, capture_output=True, text=True,
-                         timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    expected = read_metrics(ref, "multitask")
-
     run = workdir_with_data(tiny_world, tmp_path / "killed")
-    proc = subprocess.Popen(train_cmd(run, "multitask", *common), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    # The uninterrupted reference and the run to be killed are independent: they start together.
+    ref_log = tmp_path / "ref.log"
+    with ref_log.open("w") as log:
+        reference = subprocess.Popen(train_cmd(ref, "multitask", *common), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=log, start_new_session=True)
     try:
-        _wait_for(run / "stages" / "multitask" / "checkpoints" / "latest.json", lambda r: r["step"] >= 4, 600)
+        proc = subprocess.Popen(train_cmd(run, "multitask", *common), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            _wait_for(run / "stages" / "multitask" / "checkpoints" / "latest.json", lambda r: r["step"] >= 4, 600)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: launcher, torchrun, both ranks
+            proc.wait()
+        killed_at = json.loads((run / "stages/multitask/checkpoints/latest.json").read_text())["step"]
+        assert 4 <= killed_at < 12
+        assert not (run / "stages" / "multitask" / "stage.json").exists()
+        assert reference.wait(timeout=900) == 0, ref_log.read_text()[-3000:]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: launcher, torchrun, both ranks
-        proc.wait()
-    killed_at = json.loads((run / "stages/multitask/checkpoints/latest.json").read_text())["step"]
-    assert 4 <= killed_at < 12
-    assert not (run / "stages" / "multitask" / "stage.json").exists()
+        if reference.poll() is None:
+            os.killpg(reference.pid, signal.SIGKILL)
+            reference.wait()
+    expected = read_metrics(ref, "multitask")
 
     res = subprocess.run(train_cmd(run, "multitask", *common), cwd=ROOT, capture_output=True, text=True,
                          timeout=900)
@@ -125,7 +134,8 @@ def test_sigkill_after_checkpoint_then_resume_reproduces_losses(tiny_world: Path
 @pytest.mark.slow
 def test_a_dying_rank_is_reported_by_rank_with_its_log(tiny_world: Path, tmp_path: Path) -> None:
     workdir = workdir_with_data(tiny_world, tmp_path)
-    res = subprocess.run(train_cmd(workdir, "multitask", "train.multitask.max_steps=6", "train.precision=fp32"),
+    res = subprocess.run(train_cmd(workdir, "multitask", "train.multitask.max_steps=6", "train.precision=fp32",
+                                   "tracking.enabled=false"),
                          cwd=ROOT, capture_output=True, text=True, timeout=900,
                          env={**os.environ, "VERSAVIT_FAULT_INJECT": "rank=1,step=2"})
     assert res.returncode == 1

@@ -8,9 +8,8 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import TRAINED_STEPS
 from mlflow.tracking import MlflowClient
-from train_helpers import read_metrics, tiny_config
+from train_helpers import TRAINED_STEPS, read_metrics, tiny_config
 
 pytestmark = pytest.mark.slow
 

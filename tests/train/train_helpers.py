@@ -21,6 +21,7 @@ from versavit.data.shards import ShardWriter, read_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 EMB_DIM = int(__import__("os").environ.get("VV_EMB_DIM", 32))
+TRAINED_STEPS = 40  # the steps of the session's shared `trained_run` (conftest.py)
 
 
 def bag_of_words(text: str, dim: int = EMB_DIM) -> np.ndarray:

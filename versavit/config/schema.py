@@ -187,7 +187,13 @@ class BackboneConfig(Strict):
     mlp_ratio: float = Field(4.0, gt=0)
     patch_size: Literal[14] = 14
     spatial_merge_size: Literal[2] = 2
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = Field(True, description="recompute each ViT block in backward (when training)")
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa", description="the tower's attention (transformers' attn_implementation): sdpa loops over the images "
+        "of a packed batch; flash_attention_2 (needs the flash-attn package and a GPU) runs them in one varlen call "
+        "over cu_seqlens, without padding; eager keeps the S x S attention matrix")
+    export_mllm: bool = Field(False, description="a stage that trains the tower also writes export/mllm: "
+                              "`pretrained` (a full Qwen2-VL / Qwen2.5-VL checkpoint) with the trained tower")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> BackboneConfig:
@@ -199,16 +205,27 @@ class BackboneConfig(Strict):
 class CaptionHeadConfig(Strict):
     llm: OptionalUrl = Field("Qwen/Qwen3-1.7B", description="path or hub id of the causal LM; None = tiny")
     tokenizer: OptionalUrl = None
-    projector_hidden: int = Field(4096, ge=1)
+    projector_hidden: int = Field(5120, ge=1, description="hidden width of the projector MLP (Qwen2-VL's "
+                                  "merger: 4*D -> 4*D -> LLM hidden)")
     max_text_tokens: int = Field(512, ge=8)
     tiny_llm_hidden: int = Field(64, ge=8, description="sizes used when llm is None")
     tiny_llm_layers: int = Field(2, ge=1)
+    gradient_checkpointing: bool = Field(True, description="recompute the LLM's layers in backward (when training)")
 
 
 class DepthHeadConfig(Strict):
     layers: list[int] | None = Field(None, description="backbone layers; None = three uniformly spaced")
     features: int = Field(256, ge=8)
+    out_channels: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="reassemble channels per layer (shallow to deep); None = [f, 2f, 4f, 4f][:layers]")
     target: Literal["depth", "disparity"] = "disparity"
+
+    @model_validator(mode="after")
+    def _one_width_per_layer(self) -> DepthHeadConfig:
+        n = len(self.layers) if self.layers else 3
+        if self.out_channels is not None and len(self.out_channels) != n:
+            raise ValueError(f"out_channels has {len(self.out_channels)} entries, one per depth layer expected ({n})")
+        return self
 
 
 class RefSegHeadConfig(Strict):
@@ -216,6 +233,8 @@ class RefSegHeadConfig(Strict):
     decoder_dim: int = Field(256, ge=8)
     decoder_depth: int = Field(2, ge=1)
     decoder_heads: int = Field(8, ge=1)
+    prompt_hidden: int | None = Field(None, ge=1, description="hidden width of the text prompt encoder's MLP; "
+                                      "None = decoder_dim")
 
 
 class HeadsConfig(Strict):
@@ -406,11 +425,23 @@ class MultitaskStage(RecipeStage):
     batch_size: BatchSizes = Field(default_factory=lambda: {"caption": 8, "depth": 32, "refseg": 32})
 
 
+class DeepSpeedConfig(Strict):
+    """DeepSpeed's ZeRO communication settings (`train.deepspeed`; versavit.train.engine.deepspeed_config)."""
+
+    overlap_comm: bool | Literal["auto"] = Field(
+        "auto", description="reduce gradient buckets while backward still runs (two bucket buffers); auto: on GPUs")
+    reduce_bucket_size: int = Field(500_000_000, ge=1_000_000, description="elements per gradient reduction "
+                                    "bucket (bf16: 2 bytes each; two buffers with overlap_comm)")
+    allgather_bucket_size: int = Field(500_000_000, ge=1_000_000, description="elements per parameter all-gather "
+                                       "after the step (a chunk limit; all_gather_into_tensor allocates nothing)")
+
+
 class TrainConfig(Strict):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "bf16", description="auto = bf16 on GPUs with bf16 support and on CPUs with native bf16 kernels "
         "(AVX-512), fp32 elsewhere (bf16 on an AVX2-only CPU is ~30x slower: versavit.models.precision)")
     zero_stage: Literal[0, 1, 2] = 2
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     seed: int = Field(0, description="seeds model initialisation and the data order and sampling of every stage "
                       "(eval.seed seeds the probes, data.synthetic.seed the synthetic world)")
     dist_timeout_s: int = Field(1800, ge=10, description="a collective waiting longer than this fails the run")
@@ -514,6 +545,8 @@ class EvalConfig(Strict):
                                           "stage's starting backbone")
     probe: ProbeConfig = ProbeConfig()
     seed: int = Field(0, description="seeds the linear probes (head initialisation, batch order)")
+    gpus: int = Field(1, ge=0, description="GPUs of the evaluate step on the cluster; evaluation runs on one "
+                      "device, so more than 1 is requested but not used yet")
 
 
 class WeightsConfig(Strict):
@@ -542,6 +575,89 @@ class ResourcesConfig(Strict):
     memory: str = "64Gi"
     shm_size: str = Field("16Gi", description="/dev/shm for DataLoader workers and NCCL")
     gpu_resource_name: str = "nvidia.com/gpu"
+    gpu_memory_gib: float | None = Field(None, gt=0, description="memory of one GPU in GiB, for `versavit plan`'s "
+                                         "verdict; None = the planner's table for the GPU model node_selector names")
+
+
+_CPU = r"^([0-9]*[.])?[0-9]+m?$"  # what KFP and Kubernetes take: "2", "0.5", "500m"
+_MEMORY = r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$"
+
+
+class StepResources(Strict):
+    """CPU and memory of one kind of pipeline step (the defaults: a driver step): memory limited at the request
+    (a leak is an OOMKill with a reason), CPU limited only where `cpu_limit` is set."""
+
+    cpu: str = Field("500m", pattern=_CPU)
+    memory: str = Field("2Gi", pattern=_MEMORY)
+    cpu_limit: str | None = Field("2", pattern=_CPU)
+
+    @field_validator("cpu", "cpu_limit", mode="before")
+    @classmethod
+    def _number_as_text(cls, v: object) -> object:
+        return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+
+class PrepareStepResources(StepResources):
+    cpu: str = Field("4", pattern=_CPU)
+    memory: str = Field("16Gi", pattern=_MEMORY)
+    cpu_limit: str | None = Field(None, pattern=_CPU)
+
+
+class GpuStepResources(StepResources):
+    cpu: str = Field("8", pattern=_CPU)
+    memory: str = Field("64Gi", pattern=_MEMORY)
+    cpu_limit: str | None = Field(None, pattern=_CPU)
+
+
+class StepResourcesConfig(Strict):
+    driver: StepResources = Field(StepResources(), description="open/close run, weights, data, data check, and "
+                                  "train when it only creates and watches a job")
+    prepare: PrepareStepResources = Field(PrepareStepResources(), description="each prepare worker (decoding "
+                                          "and re-encoding a slice of a dataset)")
+    gpu: GpuStepResources = Field(GpuStepResources(), description="each GPU step that is not a training job: "
+                                  "label workers, evaluation")
+
+
+class NetworkConfig(Strict):
+    """The fast network of multi-node training jobs (PyTorchJob and TrainJob pods). Off by default."""
+
+    nccl_env: dict[Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")], str] = Field(
+        default_factory=dict, description="plain env of every training container, e.g. NCCL_IB_HCA, "
+        "NCCL_SOCKET_IFNAME, NCCL_DEBUG (no credentials: those go through secret_env)")
+    rdma_resources: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict, description="extended resource -> count per node, requested and limited, e.g. "
+        "rdma/rdma_shared_device_a: 1 or nvidia.com/hostdev: 8")
+    ipc_lock: bool = Field(False, description="add the IPC_LOCK capability (pinning RDMA memory) to the "
+                           "otherwise all-dropped capabilities")
+    host_network: bool = Field(False, description="run training pods in the node's network namespace "
+                               "(dnsPolicy ClusterFirstWithHostNet)")
+
+
+class SchedulingConfig(Strict):
+    """Gang scheduling of the training jobs: all replicas start together or none does (versavit.launch.scheduling
+    maps it onto PyTorchJob / TrainJob fields)."""
+
+    kind: Literal["none", "volcano", "kueue", "coscheduling"] = Field(
+        "none", description="none: the default scheduler; volcano: a Volcano PodGroup (the training operator run "
+        "with --gang-scheduler-name=volcano); kueue: admission by a Kueue LocalQueue; coscheduling: a "
+        "scheduler-plugins PodGroup (PyTorchJob: operator flag; TrainJob: the runtime's podGroupPolicy)")
+    queue: str | None = Field(None, description="volcano: the Queue (default 'default'); kueue: the LocalQueue "
+                              "in the job's namespace (required)")
+    priority_class: str | None = Field(None, description="volcano/coscheduling: a PriorityClass; kueue: a "
+                                       "WorkloadPriorityClass")
+    schedule_timeout_s: int | None = Field(None, ge=1, description="a job whose pods are not all running this "
+                                           "long after it was created is deleted (a transient failure: KFP "
+                                           "retries the step); also the PodGroup's timeout for coscheduling")
+    scheduler_name: str = Field("scheduler-plugins-scheduler", description="coscheduling: the schedulerName of "
+                                "the pods (the scheduler-plugins scheduler)")
+
+    @model_validator(mode="after")
+    def _kueue_queue(self) -> SchedulingConfig:
+        if self.kind == "kueue" and not self.queue:
+            raise ValueError("kind kueue needs queue: the LocalQueue of the job's namespace")
+        if self.queue and self.kind not in ("volcano", "kueue"):
+            raise ValueError(f"queue is for kind volcano or kueue, not {self.kind}")
+        return self
 
 
 class LaunchConfig(Strict):
@@ -559,7 +675,27 @@ class LaunchConfig(Strict):
     secret_env: dict[str, str] = Field(
         default_factory=dict, description="env var -> 'secret-name/key'; values never in the config"
     )
-    backoff_limit: int = Field(3, ge=0)
+    backoff_limit: int = Field(3, ge=0, description="container restarts, summed over a PyTorchJob's pods, before "
+                               "the operator fails the job")
+    max_restarts: int = Field(3, ge=0, description="torchrun's restart budget per node: a failed or rejoining "
+                              "peer restarts the worker group (c10d rendezvous), every rank resuming from the "
+                              "latest checkpoint")
+    namespace_from: Literal["pod", "config"] = Field(
+        "pod", description="pod: the jobs go to the namespace of the pod that launches them (the KFP run's), "
+        "owned by that pod; config: always to `namespace` (also where they go when not launched from a pod)")
+    pipeline_service_account: str | None = Field(
+        None, description="the KFP run's service account, passed by `pipeline submit` (null: KFP's default, "
+        "default-editor in a profile namespace, pipeline-runner standalone); it needs the Role of "
+        "manifests/components/profile-namespace")
+    scheduling: SchedulingConfig = SchedulingConfig()
+    driver_image: str = Field("ghcr.io/versavit/driver:0.1.0", description="image of the pipeline's CPU steps "
+                              "(images/driver): open/close run, weights, data, prepare, and train on a cluster "
+                              "backend (it only creates and watches the job)")
+    step_resources: StepResourcesConfig = StepResourcesConfig()
+    network: NetworkConfig = NetworkConfig()
+    trainjob_runtime: str = Field("torch-distributed", description="the TrainJob's training runtime, e.g. "
+                                  "versavit-torch (manifests/components/trainer-runtime)")
+    trainjob_runtime_kind: Literal["ClusterTrainingRuntime", "TrainingRuntime"] = "ClusterTrainingRuntime"
 
 
 class RunConfig(Strict):

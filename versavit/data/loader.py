@@ -450,6 +450,8 @@ def make_loader(dataset: wds.DataPipeline, num_workers: int = 0, batch_size: int
     """
     if batch_size is not None:
         dataset = dataset.compose(wds.batched(batch_size, collation_fn=collate_fn, partial=False))
+    # pinned (page-locked) batches on GPU machines: the loop's non_blocking copies to the device then overlap
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                        collate_fn=_as_is, persistent_workers=False,
-                                       prefetch_factor=4 if num_workers else None)
+                                       prefetch_factor=4 if num_workers else None,
+                                       pin_memory=torch.cuda.is_available())

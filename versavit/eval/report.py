@@ -2,8 +2,9 @@
 
 Tables take the shape of the paper's: rows are backbones (Table 3: Qwen2-VL ViT vs VersaViT; Table 4: one
 row per task subset of the ablation), columns are benchmark metrics; every row after the reference shows
-its delta to the reference in parentheses. mIoU, cIoU, AbsRel and delta1 are printed in percent, RMSE in
-metres (as in the paper); the JSON keeps raw fractions.
+its delta to the reference in parentheses. One unit convention for every figure a person reads (this report,
+MLflow, `versavit compare`): mIoU, pixel accuracy, cIoU, AbsRel and delta1 in percent, RMSE in metres (as in
+the paper; `display_value`); comparison.json keeps raw fractions for programs and says so (`units`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,68 @@ BENCHMARK_LABELS = {"synthetic": "Synthetic", "ade20k": "ADE20k", "voc": "VOC", 
 
 def _finite(v: Any) -> bool:
     return isinstance(v, int | float) and math.isfinite(v)
+
+
+UNITS = "mIoU, pixel accuracy, cIoU, AbsRel and δ1 in %, RMSE in metres"
+
+
+def display_value(metric: str, value: float) -> float:
+    """`value` of `metric` (e.g. "probe/seg_miou", a raw fraction) in the units every person-facing figure uses:
+    the report's, MLflow's, `versavit compare`'s (UNITS; scale from METRICS). Other metrics pass unchanged."""
+    spec = METRICS.get(metric)
+    return float(value) * spec[2] if spec else float(value)
+
+
+def _rounded(metric: str, value: float) -> float:
+    """A display value to one digit more than the report prints (a runs table shows every digit it gets)."""
+    digits = int(METRICS[metric][3].strip(".f")) + 1 if metric in METRICS else 6
+    return round(display_value(metric, value), digits)
+
+
+def headline_metrics(table: Mapping[str, Any]) -> dict[str, float]:
+    """The comparison's headline figures for the pipeline's parent run, so the runs table compares experiments:
+    for every column of the table (`<benchmark>/<group>/<metric>`, e.g. `synthetic/probe/seg_miou`), in display
+    units, rounded one digit past the report's:
+
+    - the trained backbone's value as the column's key itself, its delta to the reference as `<key>/delta`, and
+      the reference's (baseline's) as `<key>/baseline`: each metric's three side by side in MLflow's runs table,
+      which orders columns by name; the trained values come first in the dict (the compare page charts the
+      first metric a run logged);
+    - with several trained backbones (the ablation's, the recipes'), `<key>/<backbone>` and `<key>/<backbone>/delta`
+      for each instead.
+    """
+    trained: dict[str, float] = {}
+    deltas: dict[str, float] = {}
+    reference_values: dict[str, float] = {}
+    reference = table.get("reference")
+    others = [n for n in table.get("backbones", []) if n != reference]
+    for section in table.get("sections", []):
+        for column in section["columns"]:
+            key, metric = column["key"], column["metric"]
+            if _finite(value := section["rows"].get(reference, {}).get(key)):
+                reference_values[f"{key}/{reference}"] = _rounded(metric, value)
+            for name in others:
+                at = key if len(others) == 1 else f"{key}/{name}"
+                if _finite(value := section["rows"][name].get(key)):
+                    trained[at] = _rounded(metric, value)
+                if _finite(delta := section["deltas"].get(name, {}).get(key)):
+                    deltas[f"{at}/delta"] = _rounded(metric, delta)
+    # logged in this order: MLflow's compare page charts the first metric a run has, which should differ by run
+    return {**trained, **deltas, **reference_values}
+
+
+def backbone_figures(table: Mapping[str, Any], name: str) -> dict[str, float]:
+    """One backbone's figures in display units: `<benchmark>/<group>/<metric>` and, for a backbone other than the
+    reference, `delta/<benchmark>/<group>/<metric>` (what its model version is tagged with)."""
+    out: dict[str, float] = {}
+    for section in table.get("sections", []):
+        for column in section["columns"]:
+            key, metric = column["key"], column["metric"]
+            if _finite(value := section["rows"].get(name, {}).get(key)):
+                out[key] = _rounded(metric, value)
+            if _finite(delta := section["deltas"].get(name, {}).get(key)):
+                out[f"delta/{key}"] = _rounded(metric, delta)
+    return out
 
 
 def comparison_table(metrics: Mapping[str, Mapping[str, Mapping[str, float]]], reference: str,
@@ -108,7 +171,9 @@ def write_tables(out_dir: Path, table: Mapping[str, Any], results: Mapping[str, 
     md = out_dir / "comparison.md"
     md.write_text(to_markdown(table, sources, title, notes))
     js = out_dir / "comparison.json"
-    js.write_text(json.dumps({"table": table, **results}, indent=1, default=_json_default))
+    units = {"values": "raw fractions (RMSE in metres); displayed: " + UNITS,
+             "scale": {m: spec[2] for m, spec in METRICS.items()}}
+    js.write_text(json.dumps({"table": table, **results, "units": units}, indent=1, default=_json_default))
     return [md, js]
 
 

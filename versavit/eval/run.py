@@ -17,9 +17,10 @@ full Qwen2-VL checkpoint or hub id, or an s3:// URL of any of those (copied to t
 
 Metric names in MLflow: `<backbone>/<benchmark>/<group>/<metric>`, e.g. `trained/synthetic/probe/seg_miou`,
 `baseline/nyu/probe/depth_rmse`, `trained/synthetic/zeroshot/depth_absrel`, `trained/synthetic/refseg/ciou`;
-the deltas to the reference backbone as `delta/<backbone>/<benchmark>/<group>/<metric>`; probe loss curves
-as `<backbone>/<benchmark>/probe/<task>_loss` over steps. MLflow keys take [A-Za-z0-9_-. /:] only, so the
-tracker writes a name like `caption+depth` as `caption_depth` (the report keeps the name as given).
+the deltas to the reference backbone as `delta/<backbone>/<benchmark>/<group>/<metric>`, all in the report's
+units (% and metres: `report.UNITS`); probe loss curves as `<backbone>/<benchmark>/probe/<task>_loss` over
+steps. MLflow keys take [A-Za-z0-9_-. /:] only, so the tracker writes a name like `caption+depth` as
+`caption_depth` (the report keeps the name as given).
 """
 
 from __future__ import annotations
@@ -285,14 +286,16 @@ def compare_backbones(backbones: Mapping[str, str | VisionBackbone | Candidate],
 
 
 def _log_metrics(tracker: Any, run: Any, metrics: dict, table: dict, extras: dict) -> None:
-    flat = {f"{name}/{bench}/{metric}": value for name, per in metrics.items() for bench, ms in per.items()
-            for metric, value in ms.items() if report._finite(value)}
+    # in the report's units (report.UNITS: % and metres), as every figure a person reads
+    flat = {f"{name}/{bench}/{metric}": report.display_value(metric, value) for name, per in metrics.items()
+            for bench, ms in per.items() for metric, value in ms.items() if report._finite(value)}
     for section in table["sections"]:
         for name, deltas in section["deltas"].items():
-            flat.update({f"delta/{name}/{key}": v for key, v in deltas.items() if report._finite(v)})
+            flat.update({f"delta/{name}/{key}": report.display_value(key.split("/", 1)[1], v)
+                         for key, v in deltas.items() if report._finite(v)})
     for bench, ex in extras.items():
         for name, ious in ex.get("per_class_iou", {}).items():
-            flat.update({f"{name}/{bench}/probe/seg_iou/{i:03d}": v for i, v in enumerate(ious) if v is not None})
+            flat.update({f"{name}/{bench}/probe/seg_iou/{i:03d}": 100 * v for i, v in enumerate(ious) if v is not None})
     tracker.log_metrics(run, flat, step=0)
     for bench, ex in extras.items():
         for task in ("seg", "depth"):

@@ -34,14 +34,19 @@ def compile_pipeline(cfg: RunConfig, pipeline: str, output: str) -> str:
 
 
 def submit_pipeline(cfg: RunConfig, pipeline: str, host: str, experiment: str = "versavit",
-                    namespace: str | None = None, token: str | None = None) -> tuple[str, str]:
-    """Submit to the KFP API at `host`; returns (run id, run URL)."""
+                    namespace: str | None = None, token: str | None = None,
+                    service_account: str | None = None) -> tuple[str, str]:
+    """Submit to the KFP API at `host`; returns (run id, run URL). The run's steps run as `service_account`
+    (None: launch.pipeline_service_account; if that is null too, KFP's default: default-editor in a profile
+    namespace, pipeline-runner standalone), which needs the Role of manifests/components/profile-namespace in
+    the run's namespace: the training jobs are created there (versavit.launch.identity)."""
     import kfp
 
+    service_account = service_account or cfg.launch.pipeline_service_account
     client = kfp.Client(host=host, namespace=namespace, existing_token=token)
     with tempfile.TemporaryDirectory() as tmp:
         path = compile_pipeline(cfg, pipeline, os.path.join(tmp, "pipeline.yaml"))
         run = client.create_run_from_pipeline_package(path, arguments={}, run_name=f"{cfg.name}-{pipeline}",
                                                       experiment_name=experiment, namespace=namespace,
-                                                      enable_caching=True)
+                                                      enable_caching=True, service_account=service_account)
     return run.run_id, f"{host.rstrip('/')}/#/runs/details/{run.run_id}"

@@ -6,7 +6,14 @@ from typing import Any
 
 from versavit.config import RunConfig
 from versavit.launch.base import ClusterLauncher, Launcher, LaunchResult
-from versavit.launch.errors import JobFailed, LaunchError, LaunchTimeout, RankFailed
+from versavit.launch.errors import (
+    JobFailed,
+    LaunchError,
+    LaunchTimeout,
+    RankFailed,
+    TransientJobFailed,
+    TransientLaunchError,
+)
 from versavit.launch.local import LocalLauncher, launch_local
 from versavit.launch.pytorchjob import PyTorchJobLauncher, build_pytorchjob
 from versavit.launch.trainjob import TrainJobLauncher, build_trainjob
@@ -35,6 +42,8 @@ __all__ = [
     "PyTorchJobLauncher",
     "RankFailed",
     "TrainJobLauncher",
+    "TransientJobFailed",
+    "TransientLaunchError",
     "build_pytorchjob",
     "build_trainjob",
     "get_launcher",

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from versavit.config import RunConfig, config_hash, dump_yaml
-from versavit.launch.errors import JobFailed, LaunchError, LaunchTimeout
+from versavit.launch import faults
+from versavit.launch.errors import JobFailed, LaunchError, LaunchTimeout, TransientJobFailed, TransientLaunchError
 from versavit.layout import lease_url, stage_manifest_url
 from versavit.storage import STORAGE_ENV
 from versavit.train import lease
@@ -96,7 +97,7 @@ def _label_value(text: str) -> str:
     return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", out)
 
 
-def job_labels(cfg: RunConfig, stage: str) -> dict[str, str]:
+def job_labels(cfg: RunConfig, stage: str, variant: str = "") -> dict[str, str]:
     """Labels on the job and its pods: find a run's jobs with `-l versavit.io/run=<name>`."""
     labels = {
         "app.kubernetes.io/name": "versavit-trainer",
@@ -104,6 +105,7 @@ def job_labels(cfg: RunConfig, stage: str) -> dict[str, str]:
         "app.kubernetes.io/managed-by": "versavit-launcher",
         "versavit.io/run": _label_value(cfg.name) or "versavit",
         "versavit.io/stage": stage,
+        "versavit.io/variant": _label_value(variant),  # "" for none (an empty label value is valid)
         "versavit.io/config-hash": config_hash(cfg),
     }
     if kfp_run := _label_value(os.environ.get("KFP_RUN_ID", "")):
@@ -111,14 +113,25 @@ def job_labels(cfg: RunConfig, stage: str) -> dict[str, str]:
     return labels
 
 
-def torchrun_command(cfg: RunConfig, stage: str, config_ref: str, variant: str = "") -> list[str]:
-    """The container command. Node rank and master address come from the PET_* variables that both
-    operators set (torchrun reads them as defaults), so the same command serves every replica."""
+def torchrun_command(cfg: RunConfig, stage: str, config_ref: str, variant: str = "",
+                     elastic: bool = False) -> list[str]:
+    """The container command; the same for every replica (torchrun reads the PET_* variables the operators set
+    as its defaults).
+
+    `elastic` (PyTorchJob): c10d rendezvous with torchrun's restart budget (launch.max_restarts), so a
+    restarted or replaced pod rejoins and every rank resumes from the latest checkpoint: on several nodes the
+    endpoint and id come from the operator's elasticPolicy variables (PET_RDZV_ENDPOINT, PET_RDZV_ID); one
+    node rendezvouses with itself (--standalone). Otherwise (TrainJob) static rendezvous on PET_MASTER_ADDR /
+    PET_NODE_RANK, no torchrun restarts: the runtime's JobSet restarts the whole gang."""
     launch = cfg.launch
+    if not elastic:
+        rendezvous = ["--max-restarts", "0"]
+    elif launch.nnodes == 1:
+        rendezvous = ["--standalone", "--max-restarts", str(launch.max_restarts)]
+    else:
+        rendezvous = ["--rdzv-backend", "c10d", "--max-restarts", str(launch.max_restarts)]
     return ["python", "-m", "torch.distributed.run", "--nnodes", str(launch.nnodes),
-            "--nproc-per-node", str(launch.nproc_per_node),
-            # restarts belong to the operator (restartPolicy + backoffLimit), not to torchrun
-            "--max-restarts", "0",
+            "--nproc-per-node", str(launch.nproc_per_node), *rendezvous,
             "-m", "versavit.train.entry", "--stage", stage, "--config", config_ref,
             *(["--variant", variant] if variant else [])]
 
@@ -141,6 +154,8 @@ def container_env(cfg: RunConfig, extra: dict[str, str] | None = None) -> list[d
         plain["AWS_ENDPOINT_URL_S3"] = cfg.storage.s3_endpoint_url
     plain.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
     plain.update(pod_env(cfg))  # HF_HUB_OFFLINE=1 once checkpoints are staged (weights.url)
+    plain["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # mixed shapes per step (versavit.train.engine)
+    plain.update(cfg.launch.network.nccl_env)  # NCCL_IB_HCA, NCCL_SOCKET_IFNAME, ... (launch.network)
     plain.update(extra or {})
     for name in plain:
         if name in cfg.launch.secret_env or _CREDENTIAL_NAME.search(name):
@@ -158,6 +173,8 @@ def resources(cfg: RunConfig) -> dict[str, dict[str, str]]:
     limits = {"memory": res.memory}
     if res.gpus_per_node:
         requests[res.gpu_resource_name] = limits[res.gpu_resource_name] = str(res.gpus_per_node)
+    for name, count in cfg.launch.network.rdma_resources.items():  # RDMA devices: extended resources too
+        requests[name] = limits[name] = str(count)
     return {"requests": requests, "limits": limits}
 
 
@@ -185,8 +202,20 @@ def pod_security_context() -> dict[str, Any]:
             "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def container_security_context() -> dict[str, Any]:
-    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+def container_security_context(cfg: RunConfig | None = None) -> dict[str, Any]:
+    """No privilege escalation, every capability dropped; with launch.network.ipc_lock, IPC_LOCK added back."""
+    caps: dict[str, list[str]] = {"drop": ["ALL"]}
+    if cfg is not None and cfg.launch.network.ipc_lock:
+        caps["add"] = ["IPC_LOCK"]  # pinning (registering) memory for RDMA
+    return {"allowPrivilegeEscalation": False, "capabilities": caps}
+
+
+def network_pod_fields(cfg: RunConfig) -> dict[str, Any]:
+    """Pod-level fields of launch.network: the node's network namespace (hostNetwork), with the DNS policy
+    that keeps cluster service names resolvable from it; none by default."""
+    if not cfg.launch.network.host_network:
+        return {}
+    return {"hostNetwork": True, "dnsPolicy": "ClusterFirstWithHostNet"}
 
 
 def publish_config(cfg: RunConfig, stage: str, job_name: str) -> str:
@@ -355,6 +384,9 @@ class _Watch:
     stuck_since: dict[str, float] = field(default_factory=dict)
     api_errors: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
+    expected_pods: int = 1  # launch.nnodes: the job has started once this many pods run
+    schedule_deadline: float | None = None  # monotonic; launch.scheduling.schedule_timeout_s after the create
+    started: bool = False
 
 
 class ClusterLauncher(Launcher):
@@ -388,8 +420,18 @@ class ClusterLauncher(Launcher):
     # -- what a backend provides ---------------------------------------------------------------
     @abstractmethod
     def build(self, cfg: RunConfig, stage: str, config_ref: str, name: str,
-              env: dict[str, str] | None = None, variant: str = "") -> Any:
-        """The job object to create (SDK model or dict)."""
+              env: dict[str, str] | None = None, variant: str = "", namespace: str | None = None,
+              owner: dict[str, Any] | None = None) -> Any:
+        """The job object to create (SDK model or dict), in `namespace` (None: launch.namespace), owned by
+        `owner` (an ownerReferences entry) if given."""
+
+    def _read_pod(self, name: str, namespace: str) -> Any:
+        """A pod by name (the driver pod's uid for the owner reference); after `_connect`."""
+        raise NotImplementedError
+
+    def _list(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        """The jobs of this kind in `namespace` matching a label selector, as dicts; after `_connect`."""
+        raise NotImplementedError
 
     @abstractmethod
     def _connect(self, namespace: str) -> None:
@@ -425,7 +467,12 @@ class ClusterLauncher(Launcher):
         """Create the job and watch it to its end, holding the stage's lease (`versavit.train.lease`, as the
         local launcher does) from before the job exists until it has ended: renewed while the job is watched,
         released however the watch ends. A second launch of a stage whose lease is held fails at once with
-        `LeaseHeldError` naming the holder, before it publishes or creates anything."""
+        `LeaseHeldError` naming the holder, before it publishes or creates anything, unless the holder is a pod
+        of this namespace that has ended (a KFP retry after the step's pod was evicted: the lease is taken over).
+
+        A failure is `TransientLaunchError` (the cluster's: a retry may succeed) or a permanent `LaunchError`,
+        its message tagged with the classification (`versavit.launch.faults`). A permanent one is recorded
+        for the KFP run ($KFP_RUN_ID): a KFP retry of the step then fails at once with the same message."""
         from versavit import storage
 
         storage.configure(cfg.storage)
@@ -436,24 +483,44 @@ class ClusterLauncher(Launcher):
             raise LaunchError(f"config_url {config_url!r} is a local path: the pods cannot read it (use s3://)")
         if storage.is_remote(cfg.workdir):
             storage.ensure_bucket(cfg.workdir)  # also proves the endpoint and credentials work
-        with lease.hold(lease_url(cfg, stage, variant), ttl_s=self.lease_ttl_s, renew_s=self.lease_renew_s):
-            return self._launch(cfg, stage, config_url, env, variant, start)
+        faults.check_not_failed(cfg, stage, variant)
+        url = lease_url(cfg, stage, variant)
+        try:
+            with contextlib.ExitStack() as stack:
+                try:
+                    stack.enter_context(lease.hold(url, ttl_s=self.lease_ttl_s, renew_s=self.lease_renew_s))
+                except lease.LeaseHeldError:
+                    if not self._take_over_from_dead_pod(cfg, stage, variant):
+                        raise
+                    stack.enter_context(lease.hold(url, ttl_s=self.lease_ttl_s, renew_s=self.lease_renew_s))
+                return self._launch(cfg, stage, config_url, env, variant, start)
+        except LaunchError as exc:
+            if not exc.transient and (url := faults.record_permanent(cfg, stage, variant, exc)):
+                self.status_sink(f"permanent failure recorded in {url}: a KFP retry of this step ends at once")
+            raise
 
     def _launch(self, cfg: RunConfig, stage: str, config_url: str | None, env: dict[str, str] | None,
                 variant: str, start: float) -> LaunchResult:
         from versavit import storage
+        from versavit.launch import identity
 
-        namespace = cfg.launch.namespace
+        pod = identity.current_pod()
+        namespace = identity.job_namespace(cfg, pod)
         name = self.job_name or make_job_name(cfg, f"{stage}-{variant}" if variant else stage)
         if config_url is None:
             config_url = publish_config(cfg, stage, name)
-        job = self.build(cfg, stage, config_url, name, env, variant=variant)
         self._connect(namespace)
-        watch = _Watch()
+        job = self.build(cfg, stage, config_url, name, env, variant=variant, namespace=namespace,
+                         owner=self._owner(pod, namespace))
+        self._delete_leftovers(cfg, stage, variant, namespace)
+        watch = _Watch(expected_pods=cfg.launch.nnodes)
+        timeout_s = cfg.launch.scheduling.schedule_timeout_s
         try:
             with _sigterm_raises_interrupt(watch.cancelled):
                 # inside: a cancel that lands while the create is in flight still cleans up
                 self._create(job, namespace)
+                if timeout_s:
+                    watch.schedule_deadline = time.monotonic() + timeout_s
                 self.status_sink(f"created {self.kind} {namespace}/{name} ({cfg.launch.nnodes} node(s) x "
                                  f"{cfg.launch.nproc_per_node} process(es)); config {config_url}")
                 self._wait(name, namespace, watch)
@@ -471,6 +538,67 @@ class ClusterLauncher(Launcher):
                               f"{exc}") from exc
         return LaunchResult(cfg.launch.backend, stage, outputs, job_name=name, namespace=namespace,
                             config_url=config_url, elapsed_s=time.monotonic() - start)
+
+    def _take_over_from_dead_pod(self, cfg: RunConfig, stage: str, variant: str) -> bool:
+        """A KFP retry of a step whose pod was evicted finds that pod's lease, unrenewed but not yet expired
+        (`lease.TTL_S`). Its holder's host is the dead pod's name: if that pod exists in this pod's namespace and
+        has ended (phase Failed or Succeeded), nobody renews the lease any more: remove it and say so. A pod that
+        cannot be read (gone, elsewhere, no permission) proves nothing: the lease stands."""
+        from versavit.launch import identity
+
+        pod = identity.current_pod()
+        url = lease_url(cfg, stage, variant)
+        record = lease.read(url)
+        if pod is None or not record or record.get("host") in (None, pod.name):
+            return False
+        self._connect(pod.namespace)
+        try:
+            holder = self._read_pod(str(record["host"]), pod.namespace)
+        except Exception:
+            return False
+        phase = holder.get("status", {}).get("phase") if isinstance(holder, dict) else _get(holder, "status", "phase")
+        if phase not in ("Failed", "Succeeded"):
+            return False
+        self.status_sink(f"the stage's lease is held by pod {pod.namespace}/{record['host']}, which has ended "
+                         f"({phase}): taking it over")
+        lease._remove(url)  # the lease module's own removal: a holder that has ended cannot release it
+        return True
+
+    def _owner(self, pod: Any, namespace: str) -> dict[str, Any] | None:
+        """The ownerReferences entry to the driver pod (`versavit.launch.identity`): only in its own namespace."""
+        from versavit.launch import identity
+
+        if pod is None or pod.namespace != namespace:
+            return None
+        resolved, why = identity.with_uid(pod, self._read_pod)
+        if resolved is None:
+            self.status_sink(f"the job gets no owner reference ({why}): if this step's pod is deleted without "
+                             "its SIGTERM reaching this process, delete the job by hand")
+            return None
+        return resolved.owner_reference()
+
+    def _delete_leftovers(self, cfg: RunConfig, stage: str, variant: str, namespace: str) -> None:
+        """A KFP retry of a step whose pod died (evicted, its node lost) may find that attempt's job still running
+        (an evicted pod object stays, so its owner reference keeps the job): delete it before creating the new
+        one. Only jobs of this stage, variant and KFP run; this launcher holds the stage's lease, so no live
+        launcher watches them."""
+        labels = job_labels(cfg, stage, variant)
+        if "versavit.io/kfp-run-id" not in labels:
+            return
+        keys = ("versavit.io/run", "versavit.io/stage", "versavit.io/variant", "versavit.io/kfp-run-id")
+        selector = ",".join(f"{k}={labels[k]}" for k in keys)
+        try:
+            jobs = self._list(namespace, selector)
+        except Exception as exc:  # e.g. no `list` permission: the new job is created anyway
+            self.status_sink(f"could not look for {self.kind}s left by an earlier attempt ({selector}): {exc}")
+            return
+        for job in jobs:
+            old = job["metadata"]["name"]
+            if {"Succeeded", "Complete", "Failed"} & set(true_conditions(job)):
+                continue  # finished: kept for its logs (the TTL removes it)
+            self.status_sink(f"deleting {self.kind} {namespace}/{old}: left running by an earlier attempt of KFP run "
+                             f"{labels['versavit.io/kfp-run-id']} whose launcher is gone")
+            self._delete_quietly(old, namespace)
 
     def _wait(self, name: str, namespace: str, watch: _Watch) -> None:
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
@@ -491,20 +619,45 @@ class ClusterLauncher(Launcher):
                     return
                 if state.phase == "failed":
                     self._drain(watch)
-                    raise JobFailed(self._failure_report(name, namespace, state, pods, watch))
+                    verdict = faults.classify_pods(pods)
+                    error = TransientJobFailed if verdict.transient else JobFailed
+                    raise error(self._failure_report(name, namespace, state, pods, watch, verdict))
                 if stuck := self._stuck(pods, watch):
                     self._delete_quietly(name, namespace)
-                    raise JobFailed(f"{self.kind} {namespace}/{name} cannot start: {stuck}\n"
-                                    f"{self._pods_report(pods)}\nthe job was deleted")
+                    verdict = faults.classify_waiting(stuck.split(": ", 1)[-1])
+                    error = TransientJobFailed if verdict.transient else JobFailed
+                    raise error(f"{self.kind} {namespace}/{name} cannot start: {stuck} {verdict.tag()}\n"
+                                f"{self._pods_report(pods)}\nthe job was deleted")
+                self._check_scheduled(name, namespace, state, pods, watch)
             if deadline is not None and time.monotonic() >= deadline:
                 last = f"last state: {watch.summary or 'unknown'}"
                 report = self._pods_report(pods) if obj is not None else ""
                 self._delete_quietly(name, namespace)
+                verdict = faults.Classification(False, "the job's time limit (a rerun takes as long)")
                 raise LaunchTimeout(f"{self.kind} {namespace}/{name} did not finish within {self.timeout_s:g} s "
-                                    f"({last}); the job was deleted" + (f"\n{report}" if report else ""))
+                                    f"({last}); the job was deleted {verdict.tag()}"
+                                    + (f"\n{report}" if report else ""))
             pause = self.poll_interval_s if deadline is None else min(self.poll_interval_s,
                                                                       max(0.0, deadline - time.monotonic()))
             watch.cancelled.wait(pause)
+
+    def _check_scheduled(self, name: str, namespace: str, state: JobState, pods: list[Any], watch: _Watch) -> None:
+        """launch.scheduling.schedule_timeout_s: a job not fully running in time is deleted; transient (the
+        cluster is busy or short of nodes: a later attempt may find room)."""
+        if watch.started:
+            return
+        running = [p for p in pods if _get(p, "status", "phase") in ("Running", "Succeeded")]
+        if state.phase == "succeeded" or (state.phase == "running" and len(running) >= watch.expected_pods):
+            watch.started = True
+            return
+        if watch.schedule_deadline is None or time.monotonic() < watch.schedule_deadline:
+            return
+        self._delete_quietly(name, namespace)
+        verdict = faults.Classification(True, "not scheduled in time")
+        report = self._pods_report(pods)
+        raise TransientLaunchError(f"{self.kind} {namespace}/{name}: {len(running)} of {watch.expected_pods} pod(s) "
+                                   "running at launch.scheduling.schedule_timeout_s; the job was deleted "
+                                   f"{verdict.tag()}" + (f"\n{report}" if report else ""))
 
     def _poll(self, name: str, namespace: str, watch: _Watch) -> tuple[dict[str, Any] | None, list[Any]]:
         """Job + pods; a few API errors in a row are tolerated (API server restarts, throttling)."""
@@ -513,12 +666,15 @@ class ClusterLauncher(Launcher):
             pods = self._pods(name, namespace)
         except Exception as exc:
             if _api_status(exc) == 404:
-                raise LaunchError(f"{self.kind} {namespace}/{name} disappeared (deleted outside this launcher)") \
-                    from exc
+                verdict = faults.Classification(False, "the job was deleted by someone else")
+                raise LaunchError(f"{self.kind} {namespace}/{name} disappeared (deleted outside this launcher) "
+                                  f"{verdict.tag()}") from exc
             watch.api_errors += 1
             if watch.api_errors > self.max_api_errors:
-                raise LaunchError(f"lost the Kubernetes API while watching {self.kind} {namespace}/{name}: "
-                                  f"{exc}") from exc
+                verdict = faults.classify_api_status(_api_status(exc))
+                error = TransientLaunchError if verdict.transient else LaunchError
+                raise error(f"lost the Kubernetes API while watching {self.kind} {namespace}/{name}: {exc} "
+                            f"{verdict.tag()}") from exc
             return None, []
         watch.api_errors = 0
         return obj, pods
@@ -560,10 +716,13 @@ class ClusterLauncher(Launcher):
         ordered = sorted(pods, key=lambda p: (not self._is_master(p), p.metadata.name))
         return "\n".join(describe_pod(p) for p in ordered)
 
-    def _failure_report(self, name: str, namespace: str, state: JobState, pods: list[Any], watch: _Watch) -> str:
+    def _failure_report(self, name: str, namespace: str, state: JobState, pods: list[Any], watch: _Watch,
+                        verdict: Any = None) -> str:
         head = f"{self.kind} {namespace}/{name} failed"
         if state.reason or state.message:
             head += f": {state.reason}" + (f": {state.message}" if state.message else "")
+        if verdict is not None:
+            head += f" {verdict.tag()}"
         # the pods that say something: failed ones first, the master always
         telling = [p for p in pods if self._is_master(p) or _get(p, "status", "phase") == "Failed"
                    or _has_termination_message(p)]
@@ -601,9 +760,13 @@ def create_error(kind: str, namespace: str, name: str, exc: BaseException) -> La
     """A create failure with what usually causes it."""
     status = _api_status(exc)
     hint = {
-        403: f"the service account may not create {kind}s in namespace {namespace!r} (see manifests/base/rbac.yaml)",
+        403: f"the service account may not create {kind}s in namespace {namespace!r}: install the Role and "
+             f"RoleBinding there (manifests/components/profile-namespace; manifests/base/rbac.yaml in versavit)",
         404: f"the {kind} API is not served: is its operator installed, and does namespace {namespace!r} exist?",
         409: "a job of that name exists already",
         422: "the API server rejected the object (schema validation)",
     }.get(status or 0, "")
-    return LaunchError(f"cannot create {kind} {namespace}/{name}: {exc}" + (f"\n  hint: {hint}" if hint else ""))
+    verdict = faults.classify_api_status(status)
+    error = TransientLaunchError if verdict.transient else LaunchError
+    return error(f"cannot create {kind} {namespace}/{name}: {exc} {verdict.tag()}"
+                 + (f"\n  hint: {hint}" if hint else ""))

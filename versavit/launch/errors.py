@@ -6,6 +6,8 @@ from __future__ import annotations
 class LaunchError(RuntimeError):
     """A training stage failed; the message says which rank or job and why."""
 
+    transient = False
+
 
 class LaunchTimeout(LaunchError):
     """The job did not finish in time; it has been deleted."""
@@ -13,6 +15,19 @@ class LaunchTimeout(LaunchError):
 
 class JobFailed(LaunchError):
     """The cluster job ended in failure; the message carries the job's own reason."""
+
+
+class TransientLaunchError(LaunchError):
+    """A failure of the cluster, not of the code (eviction, node loss, preemption, image pull back-off, a job
+    not scheduled in time, the API lost): running the step again may succeed. Every other `LaunchError` of a
+    cluster launch is permanent, and a KFP retry of the step does not run the job again
+    (`versavit.launch.faults`)."""
+
+    transient = True
+
+
+class TransientJobFailed(TransientLaunchError, JobFailed):
+    """The cluster job ended in failure for a transient reason."""
 
 
 class RankFailed(LaunchError):

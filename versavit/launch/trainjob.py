@@ -17,8 +17,9 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from versavit.config import RunConfig
-from versavit.launch import base
+from versavit.launch import base, scheduling
 from versavit.launch.base import ClusterLauncher, JobState
+from versavit.launch.errors import LaunchError
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 RUNTIME = "torch-distributed"
@@ -29,14 +30,21 @@ JOB_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 
 
 def build_trainjob(cfg: RunConfig, stage: str, config_ref: str, name: str | None = None,
-                   env: dict[str, str] | None = None, runtime: str = RUNTIME,
-                   runtime_kind: str = "ClusterTrainingRuntime", variant: str = "") -> dict[str, Any]:
+                   env: dict[str, str] | None = None, runtime: str | None = None,
+                   runtime_kind: str | None = None, variant: str = "", namespace: str | None = None,
+                   owner: dict[str, Any] | None = None) -> dict[str, Any]:
     """The TrainJob as a dict. Pod security settings come from the runtime (the CRD's overrides cannot
     set them): the namespaced `versavit-torch` TrainingRuntime (manifests/components/trainer-runtime)
-    runs its pods as non-root; the stock torch-distributed ClusterTrainingRuntime may not."""
+    runs its pods as non-root; the stock torch-distributed ClusterTrainingRuntime may not. `runtime` /
+    `runtime_kind`: None = launch.trainjob_runtime / launch.trainjob_runtime_kind. `namespace` (None:
+    launch.namespace) and `owner` (an ownerReferences entry) as for the PyTorchJob. Gang scheduling:
+    Kueue's labels on the TrainJob; coscheduling is the runtime's podGroupPolicy (versavit.launch.scheduling);
+    restarts: static rendezvous, the runtime's JobSet restarts the gang (base.torchrun_command)."""
     launch = cfg.launch
+    runtime, runtime_kind = _runtime(cfg, runtime, runtime_kind)
+    scheduling.check_trainjob(cfg)
     name = name or base.make_job_name(cfg, stage)
-    labels = base.job_labels(cfg, stage)
+    labels = base.job_labels(cfg, stage, variant)
     override: dict[str, Any] = {
         "targetJobs": [{"name": NODE}],
         "serviceAccountName": launch.service_account,
@@ -50,7 +58,9 @@ def build_trainjob(cfg: RunConfig, stage: str, config_ref: str, name: str | None
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
-        "metadata": {"name": name, "namespace": launch.namespace, "labels": labels},
+        "metadata": {"name": name, "namespace": namespace or launch.namespace,
+                     "labels": {**labels, **scheduling.job_labels(cfg)},  # Kueue's: the TrainJob's only
+                     **({"ownerReferences": [dict(owner)]} if owner else {})},
         "spec": {
             "runtimeRef": {"apiGroup": GROUP, "kind": runtime_kind, "name": runtime},
             "labels": dict(labels),  # onto the derived JobSet and Jobs
@@ -67,25 +77,48 @@ def build_trainjob(cfg: RunConfig, stage: str, config_ref: str, name: str | None
     }
 
 
+def _runtime(cfg: RunConfig, runtime: str | None, runtime_kind: str | None) -> tuple[str, str]:
+    """The runtime's (name, kind); refuses network settings a TrainJob cannot carry on the stock runtime: the
+    TrainJob API has no field for hostNetwork or capabilities, so they must come from the runtime."""
+    runtime = runtime or cfg.launch.trainjob_runtime
+    runtime_kind = runtime_kind or cfg.launch.trainjob_runtime_kind
+    net = cfg.launch.network
+    wanted = [k for k, on in (("host_network", net.host_network), ("ipc_lock", net.ipc_lock)) if on]
+    if wanted and runtime == RUNTIME:
+        raise LaunchError(f"launch.network.{' and '.join(wanted)}: a TrainJob cannot set these, its runtime must; "
+                          f"the stock {RUNTIME} runtime does not. Set launch.trainjob_runtime to a runtime that "
+                          "does (e.g. versavit-torch with the component manifests/overlays/h20/network)")
+    return runtime, runtime_kind
+
+
 class TrainJobLauncher(ClusterLauncher):
     """Runs a stage as a TrainJob through the kubernetes CustomObjectsApi / CoreV1Api."""
 
     backend = "trainjob"
     kind: ClassVar[str] = KIND
 
-    def __init__(self, *args: Any, runtime: str = RUNTIME, runtime_kind: str = "ClusterTrainingRuntime",
+    def __init__(self, *args: Any, runtime: str | None = None, runtime_kind: str | None = None,
                  **kwargs: Any):
         """Options as `ClusterLauncher`; `runtime`/`runtime_kind` name the training runtime, e.g.
-        ("versavit-torch", "TrainingRuntime") for the one in manifests/components/trainer-runtime."""
+        ("versavit-torch", "TrainingRuntime") for the one in manifests/components/trainer-runtime;
+        None: the config's launch.trainjob_runtime / launch.trainjob_runtime_kind."""
         super().__init__(*args, **kwargs)
         self.runtime, self.runtime_kind = runtime, runtime_kind
         self._custom: Any = None
         self._core: Any = None
 
     def build(self, cfg: RunConfig, stage: str, config_ref: str, name: str,
-              env: dict[str, str] | None = None, variant: str = "") -> dict[str, Any]:
+              env: dict[str, str] | None = None, variant: str = "", namespace: str | None = None,
+              owner: dict[str, Any] | None = None) -> dict[str, Any]:
         return build_trainjob(cfg, stage, config_ref, name=name, env=env, runtime=self.runtime,
-                              runtime_kind=self.runtime_kind, variant=variant)
+                              runtime_kind=self.runtime_kind, variant=variant, namespace=namespace, owner=owner)
+
+    def _read_pod(self, name: str, namespace: str) -> Any:
+        return self._core.read_namespaced_pod(name=name, namespace=namespace)
+
+    def _list(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        return self._custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
+                                                          label_selector=selector)["items"]
 
     def _connect(self, namespace: str) -> None:
         from kubernetes import client, config

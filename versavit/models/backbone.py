@@ -69,6 +69,32 @@ _FULL_MODEL_TYPES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
 # transformers >= 5 write "visual.", transformers 4.5x wrote "model.visual."
 _VISUAL_PREFIXES = ("visual.", "model.visual.")
 
+# transformers registers the qwen2_vl_vision *config* but no AutoModel class for it (qwen2_5_vl_vision has
+# one). A saved qwen2_vl tower therefore names a class in its config's auto_map, defined by a small module written
+# next to it (AutoModel.from_pretrained(path, trust_remote_code=True) with plain transformers): transformers' own
+# tower, subclassed, because loading remote code marks the loaded class for re-export (`register_for_auto_class`)
+# and marking transformers' class itself would break every later save of a tower in that process. Importing this
+# module registers transformers' class for AutoModel (AutoModel.from_pretrained(path), no remote code).
+_TOWER_MODULE = "modeling_qwen2_vl_vision"
+_TOWER_AUTO_MAP = {"AutoModel": f"{_TOWER_MODULE}.Qwen2VisionTransformerPretrainedModel"}
+_TOWER_CODE = (
+    '"""Qwen2-VL\'s vision tower as transformers defines it (a VersaViT export; its config\'s auto_map names it)."""'
+    "\n\nfrom transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel as _Tower"
+    "\n\n\nclass Qwen2VisionTransformerPretrainedModel(_Tower):\n"
+    '    """transformers\' class unchanged (a subclass, so that loading this module marks only this one)."""\n'
+)
+
+
+def _register_auto_model() -> None:
+    from transformers import AutoModel
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    if "qwen2_vl_vision" not in MODEL_MAPPING_NAMES:  # a later transformers may map it itself
+        AutoModel.register(Qwen2VLVisionConfig, Qwen2VisionTransformerPretrainedModel, exist_ok=True)
+
+
+_register_auto_model()
+
 
 @dataclass
 class BackboneOutput:
@@ -253,7 +279,10 @@ class VisionBackbone(nn.Module):
             tower = tower_cls._from_config(_vision_config(cfg), dtype=dtype)
             model = cls(tower, cfg.kind)
         model.set_gradient_checkpointing(cfg.gradient_checkpointing)
-        return model
+        model.tower.set_attn_implementation(cfg.attn_implementation)  # flash_attention_2: varlen over cu_seqlens
+        # transformers' from_pretrained returns eval mode, where blocks are never checkpointed: a built backbone
+        # is in training mode whatever it was loaded from (callers that only infer call .eval())
+        return model.train()
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, kind: str | None = None,
@@ -303,8 +332,23 @@ class VisionBackbone(nn.Module):
         return cls(tower, found)
 
     def save_pretrained(self, path: str) -> None:
-        """Write the tower (merger included) in Hugging Face format: config.json + model.safetensors."""
-        self.tower.save_pretrained(os.fspath(path))
+        """Write the tower (merger included) in Hugging Face format: config.json + model.safetensors.
+
+        Loadable by `from_pretrained` and by transformers' `AutoModel` (a qwen2_vl tower: after importing this
+        module, or with plain transformers and `trust_remote_code=True`, see _TOWER_MODULE). A tower is not a
+        Qwen2-VL model: `versavit export mllm` puts it back into one."""
+        path = os.fspath(path)
+        self.tower.save_pretrained(path)
+        if self.kind == "qwen2_vl":
+            config_file = os.path.join(path, "config.json")
+            with open(config_file, encoding="utf-8") as f:
+                config = json.load(f)
+            config["auto_map"] = dict(_TOWER_AUTO_MAP)
+            with open(config_file, "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+                f.write("\n")
+            with open(os.path.join(path, f"{_TOWER_MODULE}.py"), "w", encoding="utf-8") as f:
+                f.write(_TOWER_CODE)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each block in backward (training mode only) instead of keeping its activations."""

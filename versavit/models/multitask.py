@@ -66,6 +66,19 @@ class VersaViT(nn.Module):
         return cls(backbone, heads, layers, loss, depth_target=cfg.heads.depth.target, synergy=module,
                    synergy_weight=synergy.weight if module is not None else 0.0)
 
+    def prepare_training(self, cfg: ModelConfig) -> VersaViT:
+        """Gradient checkpointing as `cfg` asks (ViT blocks: model.backbone.gradient_checkpointing; caption LLM
+        layers: model.heads.caption.gradient_checkpointing) and training mode for every module, whatever path
+        loaded it (from_pretrained returns eval mode, where transformers never checkpoints).
+
+        Frozen modules train too: gradients still flow through a frozen LLM to the warm-up's projector, and only
+        a module in training mode recomputes instead of keeping its activations. Nothing in the model behaves
+        differently in training mode otherwise (dropout rates 0, no batch norm)."""
+        self.backbone.set_gradient_checkpointing(cfg.backbone.gradient_checkpointing)
+        if "caption" in self.heads:
+            self.heads["caption"].set_gradient_checkpointing(cfg.heads.caption.gradient_checkpointing)
+        return self.train()
+
     # ---------------------------------------------------------------- parameter sets
     @staticmethod
     def group_of(name: str) -> str:

@@ -1,7 +1,24 @@
 """Experiment tracking (MLflow) for the VersaViT pipeline."""
 
+from versavit.tracking.identity import (
+    PIPELINE_ENV,
+    RUN_NAME_ENV,
+    identity_tags,
+    parent_run_name,
+    readable_params,
+)
 from versavit.tracking.replay import ReplayReport, replay_dir, replay_pending
-from versavit.tracking.runs import KFP_RUN_ENV, make_tracker, run_tags, set_run_context, stage_run, tracking_uri
+from versavit.tracking.runs import (
+    KFP_RUN_ENV,
+    make_tracker,
+    model_version_meta,
+    publish_evaluation,
+    run_tags,
+    set_run_context,
+    stage_run,
+    tracking_uri,
+    upstream_runs,
+)
 from versavit.tracking.tracker import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
@@ -20,6 +37,8 @@ from versavit.tracking.tracker import (
 
 __all__ = [
     "KFP_RUN_ENV",
+    "PIPELINE_ENV",
+    "RUN_NAME_ENV",
     "EXPERIMENT_KIND",
     "EXPERIMENT_KIND_TAG",
     "FAILURE_TAG",
@@ -33,12 +52,18 @@ __all__ = [
     "Tracker",
     "default_tracking_uri",
     "flatten_config",
+    "identity_tags",
     "lineage_tags",
     "make_tracker",
+    "model_version_meta",
+    "parent_run_name",
+    "publish_evaluation",
+    "readable_params",
     "replay_dir",
     "replay_pending",
     "run_tags",
     "set_run_context",
     "stage_run",
     "tracking_uri",
+    "upstream_runs",
 ]

@@ -62,7 +62,8 @@ _PERMANENT_CODES = {
 }
 _SUMMARY_KEYS = ("runs", "params", "tags", "metrics", "datasets", "artifacts", "models", "run_ends")
 _OP_SUMMARY_KEY = {"create": "runs", "params": "params", "tags": "tags", "metrics": "metrics",
-                   "inputs": "datasets", "artifact": "artifacts", "register": "models", "end": "run_ends"}
+                   "inputs": "datasets", "artifact": "artifacts", "register": "models", "version": "models",
+                   "exp_tags": "tags", "end": "run_ends"}
 
 
 def _redact(text: str) -> str:
@@ -134,16 +135,28 @@ def default_tracking_uri(workdir: str) -> str:
 
 
 def flatten_config(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Flatten nested dicts/lists to dotted keys with string values (``a.b.0``)."""
+    """Flatten a nested config to dotted keys with string values, readable in a runs table: a list of
+    plain values becomes one comma-separated value (``train.multitask.tasks = caption,depth``), a list of
+    mappings that each carry a distinct ``name`` is keyed by those names (``train.recipe.coarse.lr_heads``),
+    any other list by position (``a.0.b``); an empty list, tuple or mapping is kept as ``[]``/``()``/``{}``."""
     out: dict[str, str] = {}
-    items = d.items() if isinstance(d, Mapping) else enumerate(d)
+    items = d.items() if isinstance(d, Mapping) else _list_items(d)
     for k, v in items:
         key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, (Mapping, list, tuple)) and len(v) > 0:
+        if isinstance(v, (list, tuple)) and v and not any(isinstance(x, (Mapping, list, tuple)) for x in v):
+            out[key] = ",".join(str(x) for x in v)
+        elif isinstance(v, (Mapping, list, tuple)) and len(v) > 0:
             out.update(flatten_config(v, key))
         else:
             out[key] = str(v)
     return out
+
+
+def _list_items(values: Any) -> Any:
+    names = [v.get("name") if isinstance(v, Mapping) else None for v in values]
+    if all(isinstance(n, str) and n for n in names) and len(set(names)) == len(names):
+        return zip(names, values, strict=True)
+    return enumerate(values)
 
 
 def _clean_key(key: str) -> str:
@@ -151,14 +164,25 @@ def _clean_key(key: str) -> str:
     return re.sub(r"[^\w\-. /:]", "_", key).strip("/")[:MAX_KEY] or "_"
 
 
+GIT_COMMIT_ENV = "VERSAVIT_GIT_COMMIT"  # an image without .git names its commit here (set at build)
+_COMMIT: list[str | None] = []  # one lookup per process
+
+
 def _git_commit() -> str | None:
-    try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    sha = res.stdout.strip()
-    return sha if res.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", sha) else None
+    """The commit of the versavit checkout this process runs (``git rev-parse HEAD`` in the package's own
+    folder, whatever the cwd: KFP steps, torchrun ranks), else ``$VERSAVIT_GIT_COMMIT``."""
+    if not _COMMIT:
+        sha = ""
+        try:
+            res = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                                 capture_output=True, text=True, timeout=5, check=False)
+            sha = res.stdout.strip() if res.returncode == 0 else ""
+        except (OSError, subprocess.SubprocessError):
+            pass
+        if not re.fullmatch(r"[0-9a-f]{40,64}", sha):
+            sha = os.environ.get(GIT_COMMIT_ENV, "").strip()
+        _COMMIT.append(sha if re.fullmatch(r"[0-9a-f]{7,64}", sha) else None)
+    return _COMMIT[0]
 
 
 def lineage_tags(config_hash: str, upstream_run_ids: Mapping[str, str] | None = None,
@@ -380,11 +404,30 @@ class Tracker:
             return
         self._submit_locked(_Op("artifact", handle, (str(local_path), artifact_path)))
 
-    def register_model(self, handle: RunHandle, name: str, source: str) -> None:
-        """Register a new version of model `name` whose files are at `source` (a URL), from this run."""
+    def register_model(self, handle: RunHandle, name: str, source: str, tags: Mapping[str, Any] | None = None,
+                       description: str | None = None) -> None:
+        """Register a new version of model `name` whose files are at `source` (a URL), from this run, with
+        version tags and a description."""
         if not self.enabled:
             return
-        self._submit_locked(_Op("register", handle, (name, source)))
+        items = {_clean_key(str(k)): str(v)[:MAX_PARAM_VALUE] for k, v in (tags or {}).items()}
+        self._submit_locked(_Op("register", handle, (name, source, items, description)))
+
+    def annotate_model_versions(self, handle: RunHandle, run_id: str, tags: Mapping[str, Any],
+                                description: str | None = None) -> None:
+        """Add tags (and, if given, a description) to every model version registered from run `run_id`
+        (e.g. the evaluation's figures on the training run's versions); `handle` is the run that says so."""
+        if not self.enabled or not run_id:
+            return
+        items = {_clean_key(str(k)): str(v)[:MAX_PARAM_VALUE] for k, v in tags.items()}
+        self._submit_locked(_Op("version", handle, (run_id, items, description)))
+
+    def set_experiment_tags(self, tags: Mapping[str, Any]) -> None:
+        """Tags of this tracker's experiment (e.g. a saved view of the runs table)."""
+        if not self.enabled or not tags:
+            return
+        handle = RunHandle(name=f"experiment {self.experiment}", run_id="-")  # needs no run
+        self._submit_locked(_Op("exp_tags", handle, {_clean_key(str(k)): str(v) for k, v in tags.items()}))
 
     def flush(self, force: bool = False) -> bool:
         """Send buffered metrics and queued operations; True if nothing is left pending."""
@@ -577,13 +620,25 @@ class Tracker:
         elif op.kind == "artifact":
             client.log_artifact(h.run_id, op.data[0], op.data[1])
         elif op.kind == "register":
-            name, source = op.data
+            name, source, tags, description = (*op.data, None, None)[:4]  # older pending files: name, source
             try:
                 client.create_registered_model(name)
             except Exception as e:  # already registered: add a version to it
                 if str(getattr(e, "error_code", "")) != "RESOURCE_ALREADY_EXISTS":
                     raise
-            client.create_model_version(name, source=source, run_id=h.run_id)
+            client.create_model_version(name, source=source, run_id=h.run_id, tags=tags or None,
+                                        description=description)
+        elif op.kind == "version":
+            run_id, tags, description = op.data
+            for version in client.search_model_versions(f"run_id = '{run_id}'"):
+                for key, value in tags.items():
+                    client.set_model_version_tag(version.name, version.version, key, value)
+                if description and description not in (version.description or ""):  # appended, once
+                    text = f"{version.description}\n\n{description}" if version.description else description
+                    client.update_model_version(version.name, version.version, description=text)
+        elif op.kind == "exp_tags":
+            for key, value in op.data.items():
+                client.set_experiment_tag(self._get_experiment_id(), key, value)
         elif op.kind == "end":
             client.set_terminated(h.run_id, status=op.data[0], end_time=op.data[1])
 

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,9 +33,11 @@ from versavit.config import RunConfig, config_hash, config_to_dict
 from versavit.data.shards import read_manifest
 from versavit.data.tasks import task_batches, task_urls
 from versavit.layout import export_url, metrics_log, run_name, stage_url, staging_root, version_export_url
+from versavit.models.mllm import check_base as check_mllm_base
+from versavit.models.mllm import export_mllm
 from versavit.models.multitask import VersaViT
 from versavit.models.precision import precision_dtype, resolve_precision
-from versavit.tracking import stage_run
+from versavit.tracking import model_version_meta, stage_run
 from versavit.train import checkpoint
 from versavit.train.engine import deepspeed_config, dist_env, init_distributed, initialize
 from versavit.train.optim import build_optimizer, build_scheduler, param_groups
@@ -42,6 +45,7 @@ from versavit.train.optim import build_optimizer, build_scheduler, param_groups
 log = logging.getLogger(__name__)
 TRAINED_STATE = "trained_state.pt"
 REGISTERED = "registered.json"  # in an exports/<hash>-<step>/ folder once a model version points at it
+MLLM_DIR = "mllm"  # export/mllm: the full Qwen2-VL with the trained tower (model.backbone.export_mllm)
 
 
 @dataclass
@@ -142,6 +146,34 @@ def resolve_init(cfg: RunConfig, stage: str, variant: str = "") -> str | None:
     return None
 
 
+def build_stage_model(cfg: RunConfig, plan: StagePlan, dtype: torch.dtype, init_from: str | None = None,
+                      ) -> tuple[VersaViT, list[str], dict[str, list[torch.nn.Parameter]]]:
+    """The model stage `plan.stage` trains: built from the config (seeded: the same init on every rank, and
+    DeepSpeed also broadcasts rank 0's), the tensors `init_from` holds, the stage's trainable set, then gradient
+    checkpointing as configured and training mode whatever loaded each part (VersaViT.prepare_training).
+
+    Returns (model, names of the tensors loaded from init_from, trainable parameters by optimiser group)."""
+    rs = cfg.train.stage(plan.stage)
+    torch.manual_seed(cfg.train.seed)
+    model = VersaViT.build(cfg.model, tasks=plan.tasks, loss=cfg.train.loss, dtype=dtype, synergy=rs.synergy)
+    inherited = _init_weights_from(model, init_from) if init_from else []
+    trainable = model.set_trainable(plan.trainable)
+    model.prepare_training(cfg.model)
+    if _exports_mllm(cfg, model):  # fail now, not after the stage: the export needs a full checkpoint
+        check_mllm_base(cfg.model.backbone.pretrained)
+    return model, inherited, trainable
+
+
+def _exports_mllm(cfg: RunConfig, model: VersaViT) -> bool:
+    """model.backbone.export_mllm and this stage trains the tower (a frozen tower is the base's own)."""
+    if not cfg.model.backbone.export_mllm:
+        return False
+    if not cfg.model.backbone.pretrained:
+        raise ValueError("model.backbone.export_mllm needs model.backbone.pretrained: the full Qwen2-VL / "
+                         "Qwen2.5-VL checkpoint the trained tower goes back into")
+    return any(p.requires_grad for p in model.backbone.parameters())
+
+
 def _mean_over_ranks(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -180,17 +212,14 @@ class Trainer:
             resume = False
         elif resume:  # a checkpoint of another config is never resumed silently (fails before any build)
             checkpoint.check_resumable(plan.checkpoints, cfg)
-        rs = cfg.train.stage(stage)
         dtype = precision_dtype(cfg.train.precision)
         if cfg.train.precision == "auto" and rank == 0:
             log.info("train.precision auto: %s on this machine", resolve_precision("auto"))
-        torch.manual_seed(cfg.train.seed)  # same init on every rank (DeepSpeed also broadcasts rank 0's)
-        model = VersaViT.build(cfg.model, tasks=plan.tasks, loss=cfg.train.loss, dtype=dtype, synergy=rs.synergy)
         init_from = resolve_init(cfg, stage, variant)
-        inherited = _init_weights_from(model, init_from) if init_from else []
+        model, inherited, trainable = build_stage_model(cfg, plan, dtype, init_from)
         if init_from and rank == 0:
             log.info("initialised %d tensors from %s", len(inherited), init_from)
-        groups = param_groups(model.set_trainable(plan.trainable), plan.lrs, plan.weight_decay)
+        groups = param_groups(trainable, plan.lrs, plan.weight_decay)
         optim_cfg = cfg.train.optim
         optimizer = build_optimizer(groups, optim_cfg)
         scheduler = build_scheduler(optimizer, plan.total_steps, optim_cfg)
@@ -284,13 +313,16 @@ def run_stage(cfg: RunConfig, stage: str, variant: str = "") -> dict[str, Any]:
     metrics_path = metrics_log(cfg, name)
     if rank == 0 and start == 0:
         metrics_path.unlink(missing_ok=True)
-    progress = _Progress(rank == 0, name, plan.total_steps, start)
+    progress = _Progress(rank == 0, name, plan.total_steps, start,
+                         samples_per_step=sum(plan.batch_size[t] * tr.world for t in plan.micro_steps))
     fault = _fault_injection(rank)
     last_saved = start
     try:
         with stage_run(cfg, name, tags={"versavit.resumed_from_step": str(start)}, rank=rank) as (tracker, run):
             if start == 0:
                 tracker.log_config(run, config_to_dict(cfg))
+            if rank == 0:
+                _log_inputs(cfg, plan, tracker, run)
             for step in range(start, plan.total_steps):
                 if fault is not None and step == fault:
                     log.warning("fault injection: rank %d kills itself at step %d", rank, step)
@@ -312,6 +344,21 @@ def run_stage(cfg: RunConfig, stage: str, variant: str = "") -> dict[str, Any]:
         progress.close()
         if rank == 0:
             log.info("%s: last committed checkpoint at step %d", name, last_saved)
+
+
+def _log_inputs(cfg: RunConfig, plan: StagePlan, tracker: Any, run: Any) -> None:
+    """Each dataset the stage reads, as an MLflow dataset input (URL + manifest digest), context
+    `train/<tasks reading it>`."""
+    readers: dict[str, list[str]] = {}
+    for task in plan.tasks:
+        for url in task_urls(cfg, task, stage=plan.stage):
+            readers.setdefault(url, []).append(task)
+    for url, tasks in readers.items():
+        try:
+            m = read_manifest(url)
+        except (storage.StorageError, ValueError):
+            continue  # a bare .tar shard has no manifest to name it by
+        tracker.log_dataset(run, m.name, url, m.digest, context=f"train/{','.join(tasks)}", num_samples=m.num_samples)
 
 
 def _fault_injection(rank: int) -> int | None:
@@ -347,6 +394,10 @@ def _finish(cfg: RunConfig, plan: StagePlan, engine: Any, rank: int, tracker: An
         with storage.local_staging("export", staging_root(cfg)) as tmp:
             module.save_pretrained(tmp)
             torch.save(trained, Path(tmp) / TRAINED_STATE)
+            if _exports_mllm(cfg, module):  # export/mllm: the base MLLM with this stage's tower
+                record = export_mllm(cfg.model.backbone.pretrained, Path(tmp) / "backbone", Path(tmp) / MLLM_DIR)
+                log.info("%s/%s: %s with the trained tower (%d visual tensors)", plan.export, MLLM_DIR,
+                         cfg.model.backbone.pretrained, record["visual_tensors"])
             fs, _ = storage.get_fs(plan.export)
             for path in sorted(Path(tmp).rglob("*")):
                 if path.is_file():
@@ -372,8 +423,11 @@ def _finish(cfg: RunConfig, plan: StagePlan, engine: Any, rank: int, tracker: An
         if registered:  # the same config and step (a rerun of a finished stage): that version already exists
             log.info("backbone of %s already registered from %s", plan.url, version)
         else:
-            tracker.register_model(run, f"{cfg.name}-{plan.url.rsplit('/', 1)[-1]}-backbone",
-                                   storage.join(version, "backbone"))
+            source = storage.join(version, "backbone")
+            tracker.register_model(run, f"{cfg.name}-{plan.url.rsplit('/', 1)[-1]}-backbone", source,
+                                   **model_version_meta(cfg, run_name(plan.stage, plan.variant), plan.tasks,
+                                                        plan.total_steps, source,
+                                                        metrics_log(cfg, run_name(plan.stage, plan.variant))))
             if getattr(tracker, "enabled", True):  # untracked: a later tracked run registers it
                 storage.write_text(storage.join(version, REGISTERED), json.dumps({"mlflow_run_id": run_id}))
     if dist.is_initialized():
@@ -382,22 +436,44 @@ def _finish(cfg: RunConfig, plan: StagePlan, engine: Any, rank: int, tracker: An
 
 
 class _Progress:
-    """A rich progress bar with the latest per-task losses, on rank 0 only."""
+    """Rank 0's progress: a rich bar with the latest per-task losses on a terminal; elsewhere (under torchrun
+    the rank's output is a file the launcher streams, e.g. in a pipeline step) one plain line every ~10 s or
+    10% of the steps, and at the end: step, loss, samples/s, ETA."""
 
-    def __init__(self, enabled: bool, stage: str, total: int, start: int):
+    EVERY_S = 10.0
+
+    def __init__(self, enabled: bool, stage: str, total: int, start: int, samples_per_step: int = 0):
+        from versavit.progress import console, progress_bar
+
         self.bar = None
-        if enabled:
-            from versavit.progress import progress_bar
-
+        self.plain = enabled and not console.is_terminal
+        self.stage, self.total, self.start, self.samples_per_step = stage, total, start, samples_per_step
+        self.t0 = self.last = time.monotonic()
+        self.last_step = start
+        if enabled and not self.plain:
             self._ctx = progress_bar()
             self.bar = self._ctx.__enter__()
             self.task = self.bar.add_task(stage, total=total, completed=start)
-            self.stage = stage
 
     def update(self, step: int, point: dict[str, float], tasks: list[str]) -> None:
+        desc = " ".join(f"{t}={point[f'loss/{t}']:.3f}" for t in tasks)
         if self.bar is not None:
-            desc = " ".join(f"{t}={point[f'loss/{t}']:.3f}" for t in tasks)
             self.bar.update(self.task, completed=step, description=f"{self.stage} {desc}")
+        if not self.plain:
+            return
+        now = time.monotonic()
+        done = step - self.start
+        if not (done == 1 or step == self.total or now - self.last >= self.EVERY_S
+                or step % max(1, self.total // 10) == 0):
+            return
+        # steps/s over the steps since the last line (the first step, with its warm-up, only until then)
+        since, self.last, self.last_step = (self.last_step, self.last), now, step
+        rate = (step - since[0]) / max(now - since[1], 1e-9) if done > 1 else done / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else 0.0
+        speed = f"  {rate * self.samples_per_step:.1f} samples/s" if self.samples_per_step else ""
+        loss = point.get("loss/total", float("nan"))
+        print(f"{self.stage} step {step}/{self.total}  loss {loss:.3f} ({desc}){speed}  "
+              f"ETA {int(eta) // 60}:{int(eta) % 60:02d}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -30,8 +30,13 @@ def param_groups(named: dict[str, Iterable[nn.Parameter]], lrs: dict[str, float]
     return groups
 
 
-def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
+def build_optimizer(groups: list[dict], cfg: OptimConfig, fused: bool | None = None) -> torch.optim.Optimizer:
+    """torch's AdamW; `fused` (default: on when CUDA is available) steps every parameter of a group in one CUDA
+    kernel instead of a kernel per tensor op (foreach). DeepSpeed's ZeRO optimiser steps it on the fp32 partitions
+    it moves to the GPU, so the model may still be on the CPU here. On a CPU the default foreach path stays."""
+    if fused is None:
+        fused = torch.cuda.is_available()
+    return torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def warmup_cosine(total_steps: int, warmup_ratio: float, schedule: str = "cosine"):  # -> Callable[[int], float]

@@ -137,7 +137,11 @@ class CaptionHead(nn.Module):
             tokenizer = _load_tokenizer(cfg.tokenizer or cfg.llm)
         llm_hidden = llm.get_input_embeddings().embedding_dim
         projector = Projector(4 * vision_dim, cfg.projector_hidden, llm_hidden).to(dtype)
-        return cls(projector, llm, tokenizer, cfg.max_text_tokens)
+        head = cls(projector, llm, tokenizer, cfg.max_text_tokens)
+        head.set_gradient_checkpointing(cfg.gradient_checkpointing)
+        # from_pretrained returns the LLM in eval mode, where transformers never checkpoints: a head built for a
+        # run is in training mode throughout, like one built from sizes
+        return head.train()
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write projector/ (config.json + model.safetensors), llm/ and tokenizer/ (HF format)."""
@@ -177,13 +181,28 @@ class CaptionHead(nn.Module):
     def llm_parameters(self) -> list[nn.Parameter]:
         return list(self.llm.parameters())
 
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute the LLM's layer activations in backward (training mode only; non-reentrant, so it works with a
+        frozen LLM whose input needs gradients, as in the warm-up). transformers >= 5 names, older as fallback."""
+        llm = self.llm
+        if enabled:
+            kwargs = {"use_reentrant": False}
+            if hasattr(llm, "activation_checkpointing_enable"):
+                llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:  # pragma: no cover - transformers 4.x
+                llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        elif hasattr(llm, "activation_checkpointing_disable"):
+            llm.activation_checkpointing_disable()
+        else:  # pragma: no cover - transformers 4.x
+            llm.gradient_checkpointing_disable()
+
     def gradient_checkpointing_enable(self) -> None:
-        """Recompute the LLM's layer activations in backward (transformers >= 5.x name, older name as fallback)."""
-        kwargs = {"use_reentrant": False}
-        if hasattr(self.llm, "activation_checkpointing_enable"):
-            self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.set_gradient_checkpointing(True)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the LLM's layers are recomputed in backward (when training)."""
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.llm.modules())
 
     # ------------------------------------------------------------------ tokenisation
     def _ids(self, text: str, user_text: bool = False) -> list[int]:

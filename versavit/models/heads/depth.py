@@ -2,9 +2,15 @@
 
 Reuses transformers' Depth-Anything neck and head (`DepthAnythingNeck`, `DepthAnythingDepthEstimationHead`).
 They take any number of maps (one reassemble layer and one fusion block per map), so the paper's three layers
-go in as three maps; the channel/resampling pattern is Depth-Anything-V2-Large's ([f, 2f, 4f, 4f] channels at
-x4, x2, x1, x0.5 of the patch grid) cut to the number of layers. With three layers the coarse x0.5 level is the
-one dropped: the fine levels carry the detail a dense map needs, and the deepest layer still enters at x1.
+go in as three maps, resampled like Depth-Anything-V2-Large's levels (x4, x2, x1, x0.5 of the patch grid) cut
+to the number of layers. With three layers the coarse x0.5 level is the one dropped: the fine levels carry the
+detail a dense map needs, and the deepest layer still enters at x1. Reassemble channels: `cfg.out_channels`,
+or by default Depth-Anything-V2-Large's pattern [f, 2f, 4f, 4f] (f = cfg.features) cut the same way.
+
+Paper size (configs/paper.yaml): features 256 (Depth-Anything-V2-L's), every level at 1024 channels (its deep
+levels' width) -> 38.42M parameters on ViT-H's 1280-wide maps = 36.6 x 2^20, the paper's "37.0M" (the paper
+counts M = 2^20: its ViT-H's "644.5M" is Qwen2-VL-7B's 675.8M visual parameters). The default
+[256, 512, 1024] would give 14.95M; Depth-Anything-V2-L's own four-level head on ViT-H, 31.67M.
 Which backbone blocks feed the head (cfg.layers, 1-based, or the backbone's `uniform_layers(3)`) is the
 assembled model's business; this head only takes the maps, shallow to deep.
 """
@@ -31,9 +37,12 @@ def depth_anything_config(cfg: DepthHeadConfig, embed_dim: int, num_layers: int)
     if not 1 <= num_layers <= len(_FACTORS):
         raise ValueError(f"depth head takes 1 to {len(_FACTORS)} layers, got {num_layers}")
     f = cfg.features
+    channels = list(cfg.out_channels) if cfg.out_channels else [m * f for m in _CHANNEL_MULTIPLIERS[:num_layers]]
+    if len(channels) != num_layers:
+        raise ValueError(f"depth head: out_channels {channels} has {len(channels)} entries for {num_layers} layers")
     return DepthAnythingConfig(
         reassemble_hidden_size=embed_dim,
-        neck_hidden_sizes=[m * f for m in _CHANNEL_MULTIPLIERS[:num_layers]],
+        neck_hidden_sizes=channels,
         reassemble_factors=list(_FACTORS[:num_layers]),
         fusion_hidden_size=f,
         head_hidden_size=32,

@@ -7,6 +7,12 @@
 Reused from transformers: `SamVisionNeck` and `SamMaskDecoder` (weights named as in SAM). Our own: the random
 Fourier positional encoding, so that it is computed for any h x w grid (SAM's assumes its fixed 64x64 grid),
 and the text prompt encoder (SAM has none).
+
+Paper size (configs/paper.yaml): SAM's sizes (decoder 256 wide, 2 two-way blocks, 8 heads, MLP 2048; SAM
+ViT-H's neck 1280 -> 256) and a text prompt encoder of hidden width 128 (prompt_hidden): 5.02M parameters =
+4.79 x 2^20, the paper's "4.8M" (which counts M = 2^20; SAM's own neck + prompt encoder + mask decoder are
+4.98M = 4.75 x 2^20). The decoder has one mask token and no IoU head (neither would train), so it is 0.55M
+under SAM's; a prompt encoder as wide as the decoder (prompt_hidden None) would bring the head to 5.61M.
 """
 
 from __future__ import annotations
@@ -49,16 +55,18 @@ class PositionEmbeddingRandom(nn.Module):
 
 
 class TextPromptEncoder(nn.Module):
-    """Text embedding [B, text_dim] -> `num_tokens` sparse prompt tokens [B, num_tokens, C]."""
+    """Text embedding [B, text_dim] -> `num_tokens` sparse prompt tokens [B, num_tokens, C]: an MLP of hidden
+    width `hidden` (default C)."""
 
-    def __init__(self, text_dim: int, dim: int, num_tokens: int = NUM_TEXT_TOKENS) -> None:
+    def __init__(self, text_dim: int, dim: int, num_tokens: int = NUM_TEXT_TOKENS, hidden: int | None = None) -> None:
         super().__init__()
         self.num_tokens = num_tokens
+        hidden = dim if hidden is None else hidden
         # LayerNorm first: sentence embeddings are often L2-normalised, i.e. tiny per component.
         self.norm = nn.LayerNorm(text_dim)
-        self.fc1 = nn.Linear(text_dim, dim)
+        self.fc1 = nn.Linear(text_dim, hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(dim, num_tokens * dim)
+        self.fc2 = nn.Linear(hidden, num_tokens * dim)
         # Per-token LayerNorm last: SAM's point prompts enter the decoder at unit scale (Fourier features plus
         # N(0, 1) type embeddings), a bare Linear output is ~5x smaller and the text barely steers the decoder.
         self.out_norm = nn.LayerNorm(dim)
@@ -93,7 +101,7 @@ class RefSegHead(nn.Module):
         self.text_dim = cfg.text_dim
         self.neck = SamVisionNeck(SamVisionConfig(hidden_size=embed_dim, output_channels=dim, num_attention_heads=1))
         self.pe = PositionEmbeddingRandom(dim // 2)
-        self.prompt_encoder = TextPromptEncoder(cfg.text_dim, dim, num_text_tokens)
+        self.prompt_encoder = TextPromptEncoder(cfg.text_dim, dim, num_text_tokens, cfg.prompt_hidden)
         self.no_mask_embed = nn.Embedding(1, dim)  # SAM's dense prompt when no mask is given
         dec_cfg = SamMaskDecoderConfig(
             hidden_size=dim, num_hidden_layers=cfg.decoder_depth, num_attention_heads=cfg.decoder_heads,
