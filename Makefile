@@ -70,7 +70,7 @@ LOCK_FLAGS ?=
 lock: setup
 	@for v in $(LOCK_PYTHONS); do \
 	  echo "resolving requirements/lock-py$$v.txt"; \
-	  $(VENV)/bin/uv pip compile pyproject.toml --extra dev --python-version $$v \
+	  $(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra mlflow-server --python-version $$v \
 	    --python-platform x86_64-manylinux_2_28 --override requirements/torch.txt \
 	    --no-header --quiet $(LOCK_FLAGS) -o requirements/lock-py$$v.txt || exit 1; \
 	done

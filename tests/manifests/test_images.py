@@ -134,6 +134,7 @@ def test_images_install_from_the_lock_of_their_python(dockerfile: Path) -> None:
         assert "-c" in args and args[args.index("-c") + 1] == "/tmp/lock.txt", f"not through the lock: {args}"
         for req in pip_requirements(args):
             name, _, version = req.partition("==")
+            name = name.partition("[")[0]  # an extra's packages are locked under their own names
             assert name.lower() in lock, f"{dockerfile.parent.name}: {name} is not in the lock"
             assert not version or version == lock[name.lower()], \
                 f"{dockerfile.parent.name}: {name}=={version}, locked {lock[name.lower()]}"
@@ -274,8 +275,6 @@ def test_driver_image_has_what_the_driver_steps_import() -> None:
     assert not missing, f"imported by the driver steps but not installed in images/driver: {missing}"
 
 
-@pytest.mark.xfail(strict=True, reason="psycopg2 and mlflow[auth] (Flask-WTF) are not in the lock yet: they need a "
-                   "`make lock` (images/mlflow/Dockerfile); strict, so this fails once they are installed")
 def test_mlflow_image_has_the_postgres_driver_and_auth_extra() -> None:
     """manifests/base runs MLflow on Postgres and components/mlflow-basic-auth its auth app: the image needs a
     Postgres driver and the auth extra."""
@@ -283,3 +282,5 @@ def test_mlflow_image_has_the_postgres_driver_and_auth_extra() -> None:
     names = {normalise(r.partition("[")[0].partition("==")[0]) for r in reqs}
     assert names & {"psycopg2", "psycopg2-binary", "psycopg"}, reqs
     assert any(r.startswith("mlflow[") and "auth" in r for r in reqs) or "flask-wtf" in names, reqs
+    _, lock = lock_of(ROOT / "images/mlflow/Dockerfile")
+    assert {"psycopg2-binary", "flask-wtf"} <= set(lock), "the lock lacks the driver or the auth extra: `make lock`"
