@@ -16,6 +16,10 @@ from versavit.config.trainable import check_pattern
 TASKS: tuple[str, ...] = ("caption", "depth", "refseg")
 Task = Literal["caption", "depth", "refseg"]
 PATCH_MULTIPLE = 28  # patch 14 x 2x2 spatial merge: every fixed resolution must be a multiple
+BackboneKind = Literal["qwen2_vl", "qwen2_5_vl", "siglip2"]
+# Each backbone kind's ViT patch side; images are resized to multiples of patch x 2x2 merge (28, or 32 for SigLIP2)
+PATCH_SIZES: dict[str, int] = {"qwen2_vl": 14, "qwen2_5_vl": 14, "siglip2": 16}
+RESIZE_FACTORS: tuple[int, ...] = tuple(sorted({2 * p for p in PATCH_SIZES.values()}))
 # The evaluator's benchmarks (versavit.eval.datasets.BENCHMARKS, whose keys a test holds equal to this), named
 # here so that `eval.benchmarks` is checked when the config loads, not at the end of a run.
 BENCHMARK_NAMES: tuple[str, ...] = (
@@ -53,12 +57,18 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _check_multiple_of_28(value: int) -> int:
-    if value % PATCH_MULTIPLE:
-        lower = value // PATCH_MULTIPLE * PATCH_MULTIPLE
+def _nearest(value: int, unit: int) -> str:
+    lower = value // unit * unit
+    return f"{lower} or {lower + unit}"
+
+
+def _check_patch_multiple(value: int) -> int:
+    """A fixed resolution: a multiple of 28 (patch 14 x 2x2 merge), or of 32 (SigLIP2's patch 16 x 2x2). Which one
+    the run's backbone needs is checked with the whole config (RunConfig: `model.backbone.resize_factor`)."""
+    if all(value % unit for unit in RESIZE_FACTORS):
         raise ValueError(
-            f"must be a multiple of {PATCH_MULTIPLE} (patch 14 x 2x2 merge); nearest: {lower} or "
-            f"{lower + PATCH_MULTIPLE}"
+            f"must be a multiple of {PATCH_MULTIPLE} (patch 14 x 2x2 merge; 32 with backbone kind siglip2, patch 16); "
+            f"nearest: {_nearest(value, PATCH_MULTIPLE)}"
         )
     return value
 
@@ -179,13 +189,16 @@ class DataConfig(Strict):
 
 
 class BackboneConfig(Strict):
-    kind: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl"
+    kind: BackboneKind = Field(
+        "qwen2_vl", description="qwen2_vl / qwen2_5_vl: Qwen2-VL's / Qwen2.5-VL's ViT (patch 14); siglip2: SigLIP2 "
+        "NaFlex's (patch 16; configs/siglip2.yaml, the paper's Table 6 comparison)")
     pretrained: OptionalUrl = Field(None, description="path or hub id; None builds from the sizes below")
     embed_dim: int = Field(1280, ge=8)
     depth: int = Field(32, ge=1)
     num_heads: int = Field(16, ge=1)
     mlp_ratio: float = Field(4.0, gt=0)
-    patch_size: Literal[14] = 14
+    patch_size: Literal[14, 16] = Field(14, description="the kind's patch side (14 Qwen-VL, 16 SigLIP2): set from "
+                                        "kind when not given")
     spatial_merge_size: Literal[2] = 2
     gradient_checkpointing: bool = Field(True, description="recompute each ViT block in backward (when training)")
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
@@ -200,6 +213,28 @@ class BackboneConfig(Strict):
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
         return self
+
+    @model_validator(mode="after")
+    def _kind_settings(self) -> BackboneConfig:
+        patch = PATCH_SIZES[self.kind]
+        if "patch_size" not in self.model_fields_set:
+            # the kind's own (also after `kind` is assigned); written past validate_assignment, which would recurse
+            self.__dict__["patch_size"] = patch
+        elif self.patch_size != patch:
+            raise ValueError(f"backbone kind {self.kind} has patch size {patch}, not {self.patch_size} "
+                             "(leave patch_size out: it follows kind)")
+        if self.kind == "siglip2":
+            if self.attn_implementation == "flash_attention_2":
+                raise ValueError("backbone kind siglip2: transformers' SigLIP2 has no flash_attention_2; use sdpa")
+            if self.export_mllm:
+                raise ValueError("export_mllm puts the trained tower back into a full Qwen2-VL / Qwen2.5-VL "
+                                 "checkpoint; backbone kind siglip2 has none (set export_mllm: false)")
+        return self
+
+    @property
+    def resize_factor(self) -> int:
+        """Image sides are multiples of this: patch x 2x2 merge (28 for Qwen-VL, 32 for SigLIP2)."""
+        return self.patch_size * self.spatial_merge_size
 
 
 class CaptionHeadConfig(Strict):
@@ -273,7 +308,7 @@ class ResolutionConfig(Strict):
     depth: int = Field(532, ge=28)
     refseg: int = Field(560, ge=28)
 
-    _mult = field_validator("caption_max", "caption_min", "depth", "refseg")(_check_multiple_of_28)
+    _mult = field_validator("caption_max", "caption_min", "depth", "refseg")(_check_patch_multiple)
 
 
 class LossConfig(Strict):
@@ -521,7 +556,7 @@ class ProbeConfig(Strict):
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(16, ge=1)
 
-    _mult = field_validator("seg_resolution", "depth_resolution")(_check_multiple_of_28)
+    _mult = field_validator("seg_resolution", "depth_resolution")(_check_patch_multiple)
 
 
 def _check_benchmark(spec: str) -> str:
@@ -730,6 +765,21 @@ class RunConfig(Strict):
         """The shards stage `stage` reads for `task`: its own `data`, else `data.tasks`."""
         own = self.train.stage(stage).data.get(task)  # type: ignore[call-overload]
         return own if own is not None else self.data.tasks.get(task, DataSource())  # type: ignore[call-overload]
+
+    @model_validator(mode="after")
+    def _resolutions_fit_the_backbone(self) -> RunConfig:
+        """Every fixed resolution a multiple of the backbone's patch x 2x2 merge (28, or 32 for siglip2)."""
+        b = self.model.backbone
+        unit = b.resize_factor
+        r, p = self.train.resolution, self.eval.probe
+        sizes = {"train.resolution.caption_max": r.caption_max, "train.resolution.caption_min": r.caption_min,
+                 "train.resolution.depth": r.depth, "train.resolution.refseg": r.refseg,
+                 "eval.probe.seg_resolution": p.seg_resolution, "eval.probe.depth_resolution": p.depth_resolution}
+        bad = [f"{path} = {value} (nearest: {_nearest(value, unit)})" for path, value in sizes.items() if value % unit]
+        if bad:
+            raise ValueError(f"backbone kind {b.kind} (patch {b.patch_size} x 2x2 merge) needs resolutions that are "
+                             f"multiples of {unit}: {'; '.join(bad)}")
+        return self
 
     @model_validator(mode="after")
     def _data_sources(self) -> RunConfig:

@@ -9,9 +9,10 @@ A recipe stage lists patterns; a parameter trains iff some pattern selects it an
     projector | llm | vit      shortcuts: the caption head's projector (the connector), its LLM, the ViT
     !llm                       exclusion, with the same syntax
 
-The ViT's own `merger` (Qwen-VL's projector into its original LLM) is never on VersaViT's path, so it
-never trains, whatever the patterns say. A pattern that selects nothing is an error: in a recipe file a
-typo would otherwise silently freeze what it meant to train.
+The ViT's own `merger` (Qwen-VL's projector into its original LLM; with backbone kind siglip2, SigLIP2's
+`post_layernorm` and pooling `head`) is never on VersaViT's path, so it never trains, whatever the patterns
+say. A pattern that selects nothing is an error: in a recipe file a typo would otherwise silently freeze what
+it meant to train. `backbone.blocks[...]` means Qwen-VL's `tower.blocks` or SigLIP2's `tower.encoder.layers`.
 
 No torch import here: the config schema checks the syntax when a config loads.
 """
@@ -22,8 +23,9 @@ import fnmatch
 import re
 from collections.abc import Iterable
 
-BLOCKS_PREFIX = "backbone.tower.blocks."
-ALWAYS_FROZEN = ("backbone.tower.merger.*",)
+# where the ViT blocks' parameters live: Qwen2(.5)-VL's tower, SigLIP2's (backbone kind siglip2)
+BLOCKS_PREFIXES = ("backbone.tower.blocks.", "backbone.tower.encoder.layers.")
+ALWAYS_FROZEN = ("backbone.tower.merger.*", "backbone.tower.post_layernorm.*", "backbone.tower.head.*")
 SHORTCUTS: dict[str, str] = {
     "projector": "heads.caption.projector.*",
     "llm": "heads.caption.llm.*",
@@ -65,7 +67,7 @@ def expand(pattern: str, depth: int) -> list[str]:
     m = _BLOCKS.match(body)
     if m:
         rest = m.group(2) or ".*"
-        return [f"{BLOCKS_PREFIX}{i}{rest}" for i in _block_indices(m.group(1), depth)]
+        return [f"{prefix}{i}{rest}" for prefix in BLOCKS_PREFIXES for i in _block_indices(m.group(1), depth)]
     return [body]
 
 

@@ -140,8 +140,9 @@ def text_pairs(meta: dict[str, Any], source: str = "mixed") -> list[tuple[str, s
 
 
 def caption_view(sample: dict[str, Any], min_side: int, max_side: int, seed: int = 0,
-                 source: str = "mixed") -> dict[str, Any]:
-    """Caption / VQA: the image at dynamic resolution plus one (question, answer) pair of `source`."""
+                 source: str = "mixed", factor: int = 28) -> dict[str, Any]:
+    """Caption / VQA: the image at dynamic resolution (sides multiples of `factor`: the backbone's patch x 2x2
+    merge, 28 or 32 for SigLIP2) plus one (question, answer) pair of `source`."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     meta = sample.get("json") or {}
@@ -151,7 +152,7 @@ def caption_view(sample: dict[str, Any], min_side: int, max_side: int, seed: int
                        + (" (no caption or question/answer)" if source == "mixed" else ""))
     question, answer = pairs[int(sample_rng(seed, sample).integers(len(pairs)))]
     rgb = _image(sample)
-    h, w = smart_resize(rgb.shape[0], rgb.shape[1], factor=28, min_pixels=min_side * min_side,
+    h, w = smart_resize(rgb.shape[0], rgb.shape[1], factor=factor, min_pixels=min_side * min_side,
                         max_pixels=max_side * max_side)
     return {"image": image_tensor(rgb, (h, w)), "question": question, "answer": answer}
 
@@ -182,7 +183,7 @@ def task_view_fn(cfg: RunConfig, task: str, caption_source: str = "mixed"):  # -
         return functools.partial(refseg_view, resolution=res.refseg, seed=seed)
     if task == "caption":
         return functools.partial(caption_view, min_side=res.caption_min, max_side=res.caption_max, seed=seed,
-                                 source=caption_source)
+                                 source=caption_source, factor=cfg.model.backbone.resize_factor)
     raise ValueError(f"unknown task {task!r}")
 
 

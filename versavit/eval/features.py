@@ -1,10 +1,10 @@
 """Frozen-backbone features for linear probes: computed once per (backbone, dataset split, resolution), cached.
 
 Every image is resized to R x R (bilinear, antialiased) and passed once through the frozen backbone in fp32;
-the final layer's patch features [D, R/14, R/14] are stored as float16 in a .npy memory map, so a probe reads
-them for all its epochs (and a second probe on the same split reads them again) without touching the
-backbone. Targets are resized to R x R with nearest neighbour (labels and depth are never interpolated) and
-cached separately: they do not depend on the backbone.
+the final layer's patch features [D, R/p, R/p] (patch p = 14; 16 for SigLIP2) are stored as float16 in a .npy
+memory map, so a probe reads them for all its epochs (and a second probe on the same split reads them again)
+without touching the backbone. Targets are resized to R x R with nearest neighbour (labels and depth are never
+interpolated) and cached separately: they do not depend on the backbone.
 
     <cache>/features/<backbone digest>-<dataset digest>-r<R>/{features.npy, meta.json}
     <cache>/targets/<dataset digest>-r<R>/{seg.npy, depth.npy, valid.npy, images.npy, meta.json}
@@ -101,7 +101,7 @@ def cached_features(backbone: VisionBackbone, reader: BenchmarkReader, resolutio
                     batch_size: int = 8, device: torch.device | str | None = None, digest: str | None = None,
                     label: str = "") -> FeatureSet:
     """Final-layer patch features of every image of `reader` at `resolution`, from the cache or computed now."""
-    unit = VisionBackbone.patch_size * VisionBackbone.merge_size
+    unit = backbone.patch_size * backbone.merge_size
     if resolution % unit:
         raise ValueError(f"probe resolution must be a multiple of {unit}, got {resolution}")
     cache = Path(cache_dir)
@@ -123,7 +123,7 @@ def _extract(backbone: VisionBackbone, reader: BenchmarkReader, resolution: int,
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone = backbone.to(device).eval()
-    n_max, grid = len(reader), resolution // VisionBackbone.patch_size
+    n_max, grid = len(reader), resolution // backbone.patch_size
     write_targets = not _finished(target_dir)
     suffix = f".tmp-{uuid.uuid4().hex[:8]}"
     ftmp = feature_dir.with_name(feature_dir.name + suffix)

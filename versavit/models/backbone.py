@@ -11,6 +11,10 @@ projector, the final layer's 2x2 merge units concatenated to [h*w/4, 4*D] per im
 
 The tower's own `merger` (Qwen-VL's projector into its LLM) stays in the module so that checkpoints
 load and save unchanged, but it is frozen and bypassed: VersaViT trains its own projector.
+
+Backbone kind siglip2 (`Siglip2Backbone`, mechanics in versavit.models.siglip2): SigLIP2 NaFlex's tower behind
+the same interface (patch 16, so image sides are multiples of 32). `build` and `from_pretrained` pick the class
+from the config's kind / the checkpoint's model_type.
 """
 
 from __future__ import annotations
@@ -29,10 +33,13 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLCo
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLConfig, Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+from transformers.models.siglip2.configuration_siglip2 import Siglip2VisionConfig
+from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionModel
 from transformers.utils import cached_file
 from transformers.vision_utils import get_vision_window_index
 
 from versavit.config.schema import BackboneConfig
+from versavit.models import siglip2
 from versavit.weights import local_model_path
 
 try:  # the pure-python copy: importing image_processing_qwen2_vl needs torchvision
@@ -65,6 +72,11 @@ _KINDS: dict[str, tuple[type, type, type]] = {
 }
 _VISION_MODEL_TYPES = {"qwen2_vl_vision": "qwen2_vl", "qwen2_5_vl_vision": "qwen2_5_vl"}
 _FULL_MODEL_TYPES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
+# what else from_pretrained reads: SigLIP2, a tower alone or a full Siglip2Model (its vision_model.* weights)
+_OTHER_VISION_MODEL_TYPES = {siglip2.VISION_MODEL_TYPE: siglip2.KIND}
+_OTHER_FULL_MODEL_TYPES = {siglip2.FULL_MODEL_TYPE: siglip2.KIND}
+_EXPECTED = ("a Qwen2-VL / Qwen2.5-VL / SigLIP2 vision tower (VisionBackbone.save_pretrained) or a full Qwen2-VL / "
+             "Qwen2.5-VL / SigLIP2 checkpoint")
 # where the vision tower's weights live inside a full checkpoint: original Qwen releases and
 # transformers >= 5 write "visual.", transformers 4.5x wrote "model.visual."
 _VISUAL_PREFIXES = ("visual.", "model.visual.")
@@ -132,8 +144,10 @@ def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, fact
     return h_bar, w_bar
 
 
-def _vision_config(cfg: BackboneConfig) -> Qwen2VLVisionConfig | Qwen2_5_VLVisionConfig:
+def _vision_config(cfg: BackboneConfig) -> Qwen2VLVisionConfig | Qwen2_5_VLVisionConfig | Siglip2VisionConfig:
     """The transformers vision config for a from-scratch tower of `cfg`'s sizes."""
+    if cfg.kind == siglip2.KIND:
+        return siglip2.vision_config(cfg)
     if cfg.kind == "qwen2_vl":
         if float(cfg.mlp_ratio) != int(cfg.mlp_ratio):
             # Qwen2VLVisionConfig types mlp_ratio as int (strict validation)
@@ -166,22 +180,21 @@ def _read_json(path_or_id: str, filename: str, required: bool = True) -> dict | 
     if resolved is None:
         if not required:
             return None
-        raise ValueError(
-            f"cannot read {filename} of {path_or_id!r}: expected a folder or hub id holding a Qwen2-VL / Qwen2.5-VL "
-            f"vision tower (VisionBackbone.save_pretrained) or a full Qwen2-VL / Qwen2.5-VL checkpoint ({problem})"
-        )
+        raise ValueError(f"cannot read {filename} of {path_or_id!r}: expected a folder or hub id holding {_EXPECTED} "
+                         f"({problem})")
     with open(resolved, encoding="utf-8") as f:
         return json.load(f)
 
 
-def _visual_weight_files(path_or_id: str) -> list[str]:
-    """Local paths of the safetensors files holding the visual weights of a full checkpoint.
+def _visual_weight_files(path_or_id: str, prefixes: tuple[str, ...] = _VISUAL_PREFIXES) -> list[str]:
+    """Local paths of the safetensors files holding the visual weights (names starting with `prefixes`) of a full
+    checkpoint.
 
     With a sharded checkpoint only the shards that contain visual weights are fetched (the vision
     tower of Qwen2-VL-7B sits in 1-2 of its 5 shards)."""
     index = _read_json(path_or_id, "model.safetensors.index.json", required=False)
     if index is not None:
-        shards = sorted({f for k, f in index["weight_map"].items() if k.startswith(_VISUAL_PREFIXES)})
+        shards = sorted({f for k, f in index["weight_map"].items() if k.startswith(prefixes)})
     else:
         shards = ["model.safetensors"]
     files = []
@@ -190,15 +203,17 @@ def _visual_weight_files(path_or_id: str) -> list[str]:
             files.append(cached_file(path_or_id, shard))
         except OSError as exc:
             raise ValueError(
-                f"{path_or_id!r} looks like a full Qwen-VL checkpoint but its weights {shard} cannot be read "
+                f"{path_or_id!r} looks like a full checkpoint but its weights {shard} cannot be read "
                 f"(only safetensors checkpoints are supported): {exc}"
             ) from exc
     return files
 
 
-def _load_visual_weights(tower: nn.Module, files: list[str], source: str) -> None:
-    """Copy the visual.* / model.visual.* tensors of `files` into `tower`, one tensor at a time (peak memory
-    stays at the tower plus one tensor), checking that every tower weight is covered exactly once."""
+def _load_visual_weights(tower: nn.Module, files: list[str], source: str,
+                         prefixes: tuple[str, ...] = _VISUAL_PREFIXES) -> None:
+    """Copy the tensors of `files` under `prefixes` (visual.* / model.visual.*: Qwen-VL's) into `tower`, one tensor
+    at a time (peak memory stays at the tower plus one tensor), checking that every tower weight is covered
+    exactly once."""
     from safetensors import safe_open
 
     targets = tower.state_dict()  # shares storage with the parameters
@@ -208,7 +223,7 @@ def _load_visual_weights(tower: nn.Module, files: list[str], source: str) -> Non
         for file in files:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                    prefix = next((p for p in _VISUAL_PREFIXES if key.startswith(p)), None)
+                    prefix = next((p for p in prefixes if key.startswith(p)), None)
                     if prefix is None:
                         continue
                     name = key[len(prefix):]
@@ -232,10 +247,13 @@ def _load_visual_weights(tower: nn.Module, files: list[str], source: str) -> Non
 
 
 class VisionBackbone(nn.Module):
-    """Qwen2-VL / Qwen2.5-VL vision tower returning dense, row-major feature maps (see module docstring)."""
+    """Qwen2-VL / Qwen2.5-VL vision tower returning dense, row-major feature maps (see module docstring).
+
+    `build` / `from_pretrained` return a `Siglip2Backbone` (this interface, SigLIP2's tower) for kind siglip2."""
 
     patch_size = 14
     merge_size = 2
+    blocks_path = "tower.blocks"  # the ViT blocks, relative to the backbone (plans and trainable patterns)
 
     def __init__(self, tower: Qwen2VisionTransformerPretrainedModel | Qwen2_5_VisionTransformerPretrainedModel,
                  kind: str) -> None:
@@ -254,6 +272,7 @@ class VisionBackbone(nn.Module):
         self.kind = kind
         self.embed_dim = int(config.embed_dim if kind == "qwen2_vl" else config.hidden_size)
         self.depth = int(config.depth)
+        self.num_heads = int(config.num_heads)
         # The tower's merger is never run (see forward); frozen so optimisers and ZeRO see no
         # parameter that never receives a gradient.
         self.tower.merger.requires_grad_(False)
@@ -268,16 +287,15 @@ class VisionBackbone(nn.Module):
         Parameters are created directly in `dtype` (no fp32 copy first), so a bf16 paper-size tower
         costs about its bf16 bytes of memory to build."""
         if cfg.pretrained:
-            model = cls.from_pretrained(cfg.pretrained, kind=cfg.kind, dtype=dtype)
-            got = (model.embed_dim, model.depth, model.tower.config.num_heads)
+            model = VisionBackbone.from_pretrained(cfg.pretrained, kind=cfg.kind, dtype=dtype)
+            got = (model.embed_dim, model.depth, model.num_heads)
             if got != (cfg.embed_dim, cfg.depth, cfg.num_heads):
                 log.warning("backbone %s has (embed_dim, depth, num_heads) %s; the config's sizes %s are ignored",
                             cfg.pretrained, got, (cfg.embed_dim, cfg.depth, cfg.num_heads))
         else:
-            tower_cls = _KINDS[cfg.kind][0]
             # _from_config sets the default dtype while the modules are created: weights are born in `dtype`
-            tower = tower_cls._from_config(_vision_config(cfg), dtype=dtype)
-            model = cls(tower, cfg.kind)
+            tower = tower_class(cfg.kind)._from_config(_vision_config(cfg), dtype=dtype)
+            model = wrap_tower(tower, cfg.kind)
         model.set_gradient_checkpointing(cfg.gradient_checkpointing)
         model.tower.set_attn_implementation(cfg.attn_implementation)  # flash_attention_2: varlen over cu_seqlens
         # transformers' from_pretrained returns eval mode, where blocks are never checkpointed: a built backbone
@@ -290,46 +308,50 @@ class VisionBackbone(nn.Module):
         """Load a vision tower from a folder or hub id.
 
         Accepts a vision-tower-only checkpoint (what `save_pretrained` writes; model_type
-        qwen2_vl_vision / qwen2_5_vl_vision) or a full Qwen2-VL / Qwen2.5-VL checkpoint (model_type
-        qwen2_vl / qwen2_5_vl, e.g. Qwen/Qwen2-VL-7B-Instruct), of which only `vision_config` and the
-        visual weights are read. `kind` is inferred when None, and checked when given."""
+        qwen2_vl_vision / qwen2_5_vl_vision / siglip2_vision_model) or a full Qwen2-VL / Qwen2.5-VL / SigLIP2
+        checkpoint (model_type qwen2_vl / qwen2_5_vl / siglip2, e.g. Qwen/Qwen2-VL-7B-Instruct,
+        google/siglip2-so400m-patch16-naflex), of which only `vision_config` and the visual weights are read.
+        `kind` is inferred when None, and checked when given. A SigLIP2 tower comes back as a `Siglip2Backbone`."""
         path_or_id = local_model_path(os.fspath(path_or_id))  # a staged s3:// checkpoint: this node's copy
         if not os.path.isdir(path_or_id) and (os.path.exists(path_or_id) or path_or_id.startswith(("/", ".", "~"))):
             # clearly meant as a local path: say so rather than failing a hub lookup of it
-            raise ValueError(
-                f"{path_or_id!r} is not a folder; expected a folder or hub id holding a Qwen2-VL / Qwen2.5-VL "
-                "vision tower (VisionBackbone.save_pretrained) or a full Qwen2-VL / Qwen2.5-VL checkpoint"
-            )
+            raise ValueError(f"{path_or_id!r} is not a folder; expected a folder or hub id holding {_EXPECTED}")
         config = _read_json(path_or_id, "config.json")
         model_type = config.get("model_type")
-        if model_type in _VISION_MODEL_TYPES:
-            found = _VISION_MODEL_TYPES[model_type]
+        towers = {**_VISION_MODEL_TYPES, **_OTHER_VISION_MODEL_TYPES}
+        fulls = {**_FULL_MODEL_TYPES, **_OTHER_FULL_MODEL_TYPES}
+        if model_type in towers:
+            found = towers[model_type]
             full = False
-        elif model_type in _FULL_MODEL_TYPES:
-            found = _FULL_MODEL_TYPES[model_type]
+        elif model_type in fulls:
+            found = fulls[model_type]
             full = True
         else:
             raise ValueError(
-                f"{path_or_id!r} has model_type {model_type!r}; expected a Qwen2-VL / Qwen2.5-VL vision tower "
-                f"({' / '.join(_VISION_MODEL_TYPES)}, as written by VisionBackbone.save_pretrained) or a full "
-                f"Qwen2-VL / Qwen2.5-VL checkpoint ({' / '.join(_FULL_MODEL_TYPES)})"
+                f"{path_or_id!r} has model_type {model_type!r}; expected a Qwen2-VL / Qwen2.5-VL / SigLIP2 vision "
+                f"tower ({' / '.join(towers)}, as written by VisionBackbone.save_pretrained) or a full Qwen2-VL / "
+                f"Qwen2.5-VL / SigLIP2 checkpoint ({' / '.join(fulls)})"
             )
         if kind is not None and kind != found:
             raise ValueError(f"{path_or_id!r} holds a {found} vision tower, but kind {kind!r} was requested")
-        tower_cls, _, full_config_cls = _KINDS[found]
+        tower_cls = tower_class(found)
         if not full:
             tower = tower_cls.from_pretrained(path_or_id, dtype=dtype)
-            return cls(tower, found)
-        # Full VLM checkpoint: build the tower from its vision_config (through the model's own config
+            return wrap_tower(tower, found)
+        # Full checkpoint: build the tower from its vision_config (through the model's own config
         # class, which upgrades legacy config layouts) and copy in the visual weights only.
+        if found == siglip2.KIND:
+            full_config_cls, prefixes = siglip2.FULL_CONFIG_CLASS, siglip2.WEIGHT_PREFIXES
+        else:
+            full_config_cls, prefixes = _KINDS[found][2], _VISUAL_PREFIXES
         vision_config = full_config_cls.from_pretrained(path_or_id).vision_config
-        files = _visual_weight_files(path_or_id)
+        files = _visual_weight_files(path_or_id, prefixes)
         init = _no_init_weights() if _no_init_weights is not None else _null_context()
         with init:  # every weight is overwritten below: skip the random init
             tower = tower_cls._from_config(vision_config, dtype=dtype)
-        _load_visual_weights(tower, files, path_or_id)
+        _load_visual_weights(tower, files, path_or_id, prefixes)
         tower.config.dtype = dtype
-        return cls(tower, found)
+        return wrap_tower(tower, found)
 
     def save_pretrained(self, path: str) -> None:
         """Write the tower (merger included) in Hugging Face format: config.json + model.safetensors.
@@ -367,9 +389,14 @@ class VisionBackbone(nn.Module):
             tower.gradient_checkpointing_disable()
 
     @property
+    def blocks(self) -> nn.ModuleList:
+        """The ViT blocks, bottom first."""
+        return self.tower.blocks
+
+    @property
     def gradient_checkpointing(self) -> bool:
         """Whether blocks are recomputed in backward (when training)."""
-        return any(getattr(block, "gradient_checkpointing", False) for block in self.tower.blocks)
+        return any(getattr(block, "gradient_checkpointing", False) for block in self.blocks)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -450,24 +477,7 @@ class VisionBackbone(nn.Module):
         images: [B, 3, H, W] in [0, 1], or a list of [3, H_i, W_i] (dynamic resolution). With different
         sizes only `merged` is defined: pass merged=True and no layers (maps is then None).
         layers: 1-based block indices to return besides the final map (0 = patch embeddings)."""
-        if isinstance(images, torch.Tensor):
-            if images.dim() != 4:
-                raise ValueError(f"images tensor must be [B, 3, H, W], got shape {tuple(images.shape)}")
-            sizes = [tuple(images.shape[-2:])] * images.shape[0]
-        else:
-            images = list(images)
-            sizes = [tuple(im.shape[-2:]) for im in images]
-        layers = sorted({int(i) for i in layers})
-        bad = [i for i in layers if not 0 <= i <= self.depth]
-        if bad:
-            raise ValueError(f"layers must be block indices in [0, {self.depth}], got {bad}")
-        uniform = len(set(sizes)) == 1
-        if not uniform and (layers or not merged):
-            raise ValueError(
-                f"images of different sizes {sorted(set(sizes))}: dense maps need equal sizes; for dynamic "
-                "resolution call forward(images, merged=True) without layers"
-            )
-
+        images, sizes, layers, uniform = self._request(images, layers, merged)
         pixels, grid = self.patchify(images)
         extra = {}
         window_index = None
@@ -501,6 +511,28 @@ class VisionBackbone(nn.Module):
             merged_units = [t.reshape(-1, unit * t.shape[-1]) for t in torch.split(final, counts)]
         return BackboneOutput(maps=maps, layers=layer_maps, merged=merged_units)
 
+    def _request(self, images: torch.Tensor | Sequence[torch.Tensor], layers: Sequence[int], merged: bool
+                 ) -> tuple[torch.Tensor | list[torch.Tensor], list[tuple[int, int]], list[int], bool]:
+        """forward's arguments checked: (images, their (H, W), sorted unique layers, whether all sizes are equal)."""
+        if isinstance(images, torch.Tensor):
+            if images.dim() != 4:
+                raise ValueError(f"images tensor must be [B, 3, H, W], got shape {tuple(images.shape)}")
+            sizes = [tuple(images.shape[-2:])] * images.shape[0]
+        else:
+            images = list(images)
+            sizes = [tuple(im.shape[-2:]) for im in images]
+        layers = sorted({int(i) for i in layers})
+        bad = [i for i in layers if not 0 <= i <= self.depth]
+        if bad:
+            raise ValueError(f"layers must be block indices in [0, {self.depth}], got {bad}")
+        uniform = len(set(sizes)) == 1
+        if not uniform and (layers or not merged):
+            raise ValueError(
+                f"images of different sizes {sorted(set(sizes))}: dense maps need equal sizes; for dynamic "
+                "resolution call forward(images, merged=True) without layers"
+            )
+        return images, sizes, layers, uniform
+
     def _window_index(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.tower.config
         return get_vision_window_index(grid, spatial_merge_size=cfg.spatial_merge_size, window_size=cfg.window_size,
@@ -513,6 +545,95 @@ class VisionBackbone(nn.Module):
         x = tokens.reshape(len(sizes), h // m, w // m, m, m, tokens.shape[-1])
         # (B, unit row, unit col, row in unit, col in unit, D) -> (B, D, unit row, row in unit, unit col, col in unit)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(len(sizes), tokens.shape[-1], h, w)
+
+
+class Siglip2Backbone(VisionBackbone):
+    """SigLIP2 NaFlex's vision tower (transformers' Siglip2VisionModel) with VisionBackbone's interface: row-major
+    [B, D, H/16, W/16] maps of the requested encoder layers (the final map: the last layer's output, before the
+    unused post_layernorm), 2x2-merged tokens [h*w/4, 4*D] for the caption projector, images of any size whose
+    sides are multiples of 32 in one padded pass (see versavit.models.siglip2)."""
+
+    patch_size = siglip2.PATCH_SIZE
+    merge_size = siglip2.MERGE_SIZE
+    blocks_path = "tower.encoder.layers"
+
+    def __init__(self, tower: Siglip2VisionModel, kind: str = siglip2.KIND) -> None:
+        nn.Module.__init__(self)
+        if kind != siglip2.KIND:
+            raise ValueError(f"Siglip2Backbone is backbone kind {siglip2.KIND!r}, not {kind!r}")
+        siglip2.check_tower(tower)
+        self.tower = tower
+        self.kind = kind
+        config = tower.config
+        self.embed_dim = int(config.hidden_size)
+        self.depth = int(config.num_hidden_layers)
+        self.num_heads = int(config.num_attention_heads)
+        # post_layernorm and the pooling head are never run (see forward); frozen like Qwen-VL's merger
+        for module in siglip2.unused_modules(tower):
+            module.requires_grad_(False)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write the tower (post_layernorm and head included) in Hugging Face format: config.json +
+        model.safetensors, a Siglip2VisionModel that `from_pretrained` and transformers' AutoModel load."""
+        self.tower.save_pretrained(os.fspath(path))
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.tower.encoder.layers
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tower.embeddings.patch_embedding.weight.dtype
+
+    def patchify(self, images: Sequence[torch.Tensor] | torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[0, 1] images (each [3, H, W], H and W multiples of 32; or one [B, 3, H, W] tensor) -> the tower's
+        (pixel_values [B, L, 768], pixel_attention_mask [B, L], spatial_shapes [B, 2]), as Siglip2ImageProcessor
+        makes them (without its resizing)."""
+        if isinstance(images, torch.Tensor):
+            if images.dim() == 3:
+                images = images.unsqueeze(0)
+            self._check_size(images.shape, "images")
+            images = list(images)
+        else:
+            images = list(images)
+            if not images:
+                raise ValueError("patchify needs at least one image")
+            for i, image in enumerate(images):
+                if image.dim() != 3:
+                    raise ValueError(f"images[{i}] must be [3, H, W], got shape {tuple(image.shape)}")
+                self._check_size(image.unsqueeze(0).shape, f"images[{i}]")
+        return siglip2.patchify(images)
+
+    def forward(self, images: torch.Tensor | Sequence[torch.Tensor], layers: Sequence[int] = (),
+                merged: bool = False) -> BackboneOutput:
+        """One tower pass over all images (padded to the largest); arguments and output as VisionBackbone's."""
+        images, sizes, layers, uniform = self._request(images, layers, merged)
+        pixels, mask, shapes = self.patchify(images)
+        hidden = siglip2.encode(self.tower, pixels, mask, shapes, {*layers, self.depth})
+        p = self.patch_size
+        grids = [(h // p, w // p) for h, w in sizes]
+        maps = siglip2.to_maps(hidden[self.depth], *grids[0]) if uniform else None
+        layer_maps = {i: siglip2.to_maps(hidden[i], *grids[0]) for i in layers}
+        merged_units = None
+        if merged:
+            final = hidden[self.depth]
+            merged_units = [siglip2.merge_units(final[b, : h * w], h, w) for b, (h, w) in enumerate(grids)]
+        return BackboneOutput(maps=maps, layers=layer_maps, merged=merged_units)
+
+
+def tower_class(kind: str) -> type:
+    """The transformers class of backbone kind `kind`'s tower."""
+    if kind == siglip2.KIND:
+        return siglip2.TOWER_CLASS
+    if kind not in _KINDS:
+        raise ValueError(f"unknown backbone kind {kind!r}; expected one of {sorted([*_KINDS, siglip2.KIND])}")
+    return _KINDS[kind][0]
+
+
+def wrap_tower(tower: nn.Module, kind: str) -> VisionBackbone:
+    """A transformers tower of backbone kind `kind` as a backbone (VisionBackbone, or Siglip2Backbone)."""
+    return Siglip2Backbone(tower) if kind == siglip2.KIND else VisionBackbone(tower, kind)
 
 
 @contextmanager

@@ -53,7 +53,9 @@ from torch import nn
 from versavit import storage
 from versavit.config import RunConfig
 from versavit.config.schema import LossConfig
-from versavit.models.backbone import _KINDS, VisionBackbone, _vision_config
+from versavit.config.trainable import BLOCKS_PREFIXES
+from versavit.models import siglip2
+from versavit.models.backbone import _KINDS, _vision_config, tower_class, wrap_tower
 from versavit.models.heads.caption import CaptionHead, Projector, tiny_llm_config
 from versavit.models.heads.depth import DepthHead
 from versavit.models.heads.refseg import RefSegHead
@@ -126,7 +128,7 @@ KNOWN_TOWER_OUT: dict[str, int] = {
     "Qwen/Qwen2-VL-2B-Instruct": 1536, "Qwen/Qwen2-VL-7B-Instruct": 3584, "Qwen/Qwen2-VL-7B": 3584,
     "Qwen/Qwen2-VL-72B-Instruct": 8192, "Qwen/Qwen2.5-VL-3B-Instruct": 2048, "Qwen/Qwen2.5-VL-7B-Instruct": 3584,
 }
-_BLOCKS = "backbone.tower.blocks."
+_BLOCKS = BLOCKS_PREFIXES  # the ViT blocks: Qwen-VL's tower.blocks, SigLIP2's tower.encoder.layers
 _LAYERS = "heads.caption.llm.model.layers."
 
 
@@ -177,10 +179,16 @@ def _vision_settings(cfg: RunConfig) -> tuple[Any, str]:
     source = "model.backbone sizes"
     if b.pretrained:
         raw = _cached_json(b.pretrained)
+        if b.kind == siglip2.KIND:
+            vision_cls, full_cls = siglip2.VISION_CONFIG_CLASS, siglip2.FULL_CONFIG_CLASS
+        else:
+            _, vision_cls, full_cls = _KINDS[b.kind]
         if raw is not None:
-            kind_cls = _KINDS[b.kind]
-            vc = (kind_cls[2](**raw).vision_config if "vision_config" in raw else kind_cls[1](**raw))
+            vc = (full_cls(**raw).vision_config if "vision_config" in raw else vision_cls(**raw))
             source = b.pretrained
+        elif b.kind == siglip2.KIND:  # no merger to size; SigLIP2's checkpoints carry their pooling head (frozen)
+            vc.vision_use_head = True
+            source = f"model.backbone sizes with SigLIP2's pooling head ({b.pretrained} not readable offline)"
         elif b.pretrained in KNOWN_TOWER_OUT:
             key = "hidden_size" if b.kind == "qwen2_vl" else "out_hidden_size"
             setattr(vc, key, KNOWN_TOWER_OUT[b.pretrained])
@@ -222,16 +230,17 @@ def build_skeleton(cfg: RunConfig, tasks: list[str], dtype: torch.dtype, synergy
     b = cfg.model.backbone
     vc, _ = _vision_settings(cfg)
     vc._attn_implementation = _attn(cfg)
-    full_depth = vc.depth
+    depth_key = "num_hidden_layers" if b.kind == siglip2.KIND else "depth"
+    full_depth = getattr(vc, depth_key)
     if vit_kinds is not None:
-        vc.depth = len(vit_kinds)
+        setattr(vc, depth_key, len(vit_kinds))
         if b.kind == "qwen2_5_vl":  # the analogue's blocks keep the attention (window / full) of what they mirror
             full = set(vc.fullatt_block_indexes)
             vc.fullatt_block_indexes = [a for a, j in enumerate(vit_kinds) if j in full]
-    tower_cls = _KINDS[b.kind][0]
+    tower_cls = tower_class(b.kind)
     with torch.device(device):
         tower = tower_cls._from_config(vc, dtype=dtype, attn_implementation=_attn(cfg))
-    backbone = VisionBackbone(tower, b.kind)
+    backbone = wrap_tower(tower, b.kind)
     dim = backbone.embed_dim
     layers = depth_layers or cfg.model.heads.depth.layers or [math.ceil(full_depth * k / 3) for k in (1, 2, 3)]
     heads: dict[str, nn.Module] = {}
@@ -273,7 +282,7 @@ def build_skeleton(cfg: RunConfig, tasks: list[str], dtype: torch.dtype, synergy
 
 
 def _layer_of(name: str) -> tuple[str, int] | None:
-    for prefix, kind in ((_BLOCKS, "vit"), (_LAYERS, "llm")):
+    for prefix, kind in (*((p, "vit") for p in _BLOCKS), (_LAYERS, "llm")):
         if name.startswith(prefix):
             return kind, int(name[len(prefix):].split(".", 1)[0])
     return None
@@ -290,7 +299,7 @@ def _kinds(model: VersaViT, attention: list[str] | None = None) -> dict[str, lis
         if where:
             flags.setdefault(where, []).append(p.requires_grad)
         elif p.requires_grad:
-            vit_upstream |= name.startswith("backbone.tower.patch_embed")
+            vit_upstream |= name.startswith(("backbone.tower.patch_embed", "backbone.tower.embeddings"))
             llm_upstream |= name.startswith(("backbone.", "heads.caption.projector", "heads.caption.llm.model.embed"))
     out: dict[str, list[tuple[tuple, int]]] = {"vit": [], "llm": []}
     for kind, upstream in (("vit", vit_upstream), ("llm", llm_upstream)):
@@ -355,16 +364,17 @@ def _sample(cfg: RunConfig, task: str, head: CaptionHead | None) -> tuple[dict[s
     """A worst-case batch of one sample at the configured resolution, what it is, ViT tokens, LLM tokens and
     supervised answer tokens. Images and labels are real CPU tensors (small); see versavit.train.trace."""
     r = cfg.train.resolution
+    patch = cfg.model.backbone.patch_size
     if task == "caption":
         side = r.caption_max
-        n_visual = (side // 14) ** 2 // 4
+        n_visual = (side // patch) ** 2 // 4
         answer = " ".join(["a"] * (2 * cfg.model.heads.caption.max_text_tokens))
         question = "Describe the image."
         ids = head.build_batch([n_visual], [question], [answer])
         seq, supervised = int(ids.input_ids.shape[1]), int((ids.labels != -100).sum())
         batch = {"image": [torch.zeros(3, side, side)], "question": [question], "answer": [answer]}
         return (batch, f"{side}x{side} px, {seq} LLM tokens ({n_visual} visual, {supervised} supervised)",
-                (side // 14) ** 2, seq, supervised)
+                (side // patch) ** 2, seq, supervised)
     side = r.depth if task == "depth" else r.refseg
     if task == "depth":
         batch = {"image": torch.zeros(1, 3, side, side), "target": torch.ones(1, side, side),
@@ -373,7 +383,7 @@ def _sample(cfg: RunConfig, task: str, head: CaptionHead | None) -> tuple[dict[s
         text = cfg.model.heads.refseg.text_dim
         batch = {"image": torch.zeros(1, 3, side, side), "text_embedding": torch.zeros(1, text),
                  "mask": torch.zeros(1, side, side)}
-    return batch, f"{side}x{side} px", (side // 14) ** 2, 0, 0
+    return batch, f"{side}x{side} px", (side // patch) ** 2, 0, 0
 
 
 def sample_batch(cfg: RunConfig, task: str, head: CaptionHead | None, batch: int, device: torch.device | str
@@ -437,12 +447,12 @@ def profile_stage(cfg: RunConfig, stage: str, dtype: torch.dtype) -> tuple[dict[
         where = _layer_of(name)
         if where is not None:
             kind, a = where
-            prefix = _BLOCKS if kind == "vit" else _LAYERS
+            prefix = f"backbone.{model.backbone.blocks_path}." if kind == "vit" else _LAYERS
             j = (vit_rep if kind == "vit" else llm_rep)[a]
             name = f"{prefix}{j}.{name[len(prefix):].split('.', 1)[1]}"
         p.requires_grad_(full_flags.get(name, False))
     head = model.heads["caption"] if "caption" in model.heads else None  # noqa: SIM401 - ModuleDict has no get
-    scoped = {f"vit{a}": [blk] for a, blk in enumerate(model.backbone.tower.blocks)}
+    scoped = {f"vit{a}": [blk] for a, blk in enumerate(model.backbone.blocks)}
     if head is not None:
         scoped.update({f"llm{a}": [layer] for a, layer in enumerate(head.llm.model.layers)})
     vocab = head.llm.get_output_embeddings().weight.shape[0] if head is not None else None
@@ -458,7 +468,7 @@ def profile_stage(cfg: RunConfig, stage: str, dtype: torch.dtype) -> tuple[dict[
                            vit_width=model.backbone.embed_dim,
                            llm_width=head.llm.config.hidden_size if head is not None and task == "caption" else 0)
         layer_flops = 0
-        for kind, seq, groups, fqn in (("vit", vit_seq, kinds["vit"], "backbone.tower.blocks"),
+        for kind, seq, groups, fqn in (("vit", vit_seq, kinds["vit"], f"backbone.{model.backbone.blocks_path}"),
                                        ("llm", llm_seq if task == "caption" else [], kinds["llm"],
                                         "heads.caption.llm.model.layers")):
             seen: dict[int, tuple[int, int]] = {}
