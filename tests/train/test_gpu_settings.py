@@ -101,3 +101,29 @@ def test_attention_implementation_reaches_the_tower() -> None:
             VisionBackbone.build(BackboneConfig(**small, attn_implementation="flash_attention_2"))
     with pytest.raises(ConfigError):
         load_config(ROOT / "configs/tiny.yaml", ["model.backbone.attn_implementation=flash"])
+
+
+def test_cpu_process_group_builds_no_deepspeed_op(tmp_path: Path) -> None:
+    """On CPU, DeepSpeed's torch backend would JIT-compile its shared-memory comm op (only for inference
+    all-reduce) when the process group starts: ~40 s of C++ on 2 cores, redone whenever its cache looks stale.
+    versavit's init_distributed starts the group without building it."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = (
+        "import torch.distributed as dist, deepspeed.comm.comm as dscomm\n"
+        "from versavit.config.schema import TrainConfig\n"
+        "from versavit.train.engine import init_distributed\n"
+        "print(init_distributed(TrainConfig()), dist.get_world_size(), dscomm.cdb.shm_comm_op)\n"
+    )
+    extensions = tmp_path / "torch_extensions"
+    env = {**__import__("os").environ, "TORCH_EXTENSIONS_DIR": str(extensions), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[-3:] == ["cpu", "1", "None"], res.stdout
+    assert not extensions.exists() or not any(extensions.rglob("*.so")), "a DeepSpeed op was compiled"

@@ -37,6 +37,17 @@ def configure_cuda() -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def _skip_shm_comm_op() -> None:
+    """On CPU, DeepSpeed's torch backend JIT-compiles its shared-memory comm op (C++, ~40 s on 2 cores, a compiler
+    needed; again whenever the cached build looks stale) when it starts. That op serves only
+    `inference_all_reduce`, which training never calls (gradients go through torch.distributed), so it is not
+    built: the backend then takes its own fallback, as on a machine where the op is incompatible."""
+    import importlib
+
+    # by module name: the attribute deepspeed.comm.torch is the torch package (deepspeed.comm imports it)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 def init_distributed(cfg: TrainConfig) -> torch.device:
     """gloo on CPU, nccl on GPUs; a timeout so a dead peer fails the run instead of hanging it."""
     import deepspeed
@@ -51,6 +62,8 @@ def init_distributed(cfg: TrainConfig) -> torch.device:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
+    if not cuda:
+        _skip_shm_comm_op()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
                                timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
     return torch.device("cuda", local_rank) if cuda else torch.device("cpu")
