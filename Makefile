@@ -43,7 +43,7 @@ demo: setup
 # The layer contract (pyproject.toml [tool.importlinter]) and the suite.
 test: setup
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -14,6 +14,7 @@ from pipeline_run import PipelineRun
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("local_pipeline")  # one worker builds the session's pipeline run (make test: xdist)
 def test_whole_local_pipeline_tracks_every_stage(local_pipeline: PipelineRun) -> None:
     res, workdir = local_pipeline, local_pipeline.workdir
     assert res.returncode == 0, res.stderr[-4000:]

@@ -240,14 +240,16 @@ def test_step_images_and_sizes_follow_the_config(tmp_path: Path) -> None:
     spec = compiled(tmp_path, "versavit", "configs/tiny.yaml", "launch.backend=pytorchjob",
                     "launch.resources.gpus_per_node=8", "launch.driver_image=registry.local/driver:7",
                     "launch.labeler_image=registry.local/labeler:7", "launch.step_resources.driver.memory=3Gi",
-                    "launch.step_resources.driver.cpu_limit=null", "launch.step_resources.gpu.cpu=12", "eval.gpus=4",
+                    "launch.step_resources.driver.cpu_limit=null", "launch.step_resources.gpu.cpu=12", "eval.gpus=1",
                     "labeling.gpus_per_worker=2")
     containers, _ = _executors(spec)
     for name in ("exec-open-run", "exec-data", "exec-train", "exec-train-2"):
         assert containers[name]["image"] == "registry.local/driver:7", name
         assert _sizes(containers[name]) == ("500m", None, "3Gi", "3Gi", None), name
     assert containers["exec-evaluate"]["image"] == containers["exec-label"]["image"] == "registry.local/labeler:7"
-    assert _sizes(containers["exec-evaluate"]) == ("12", None, "64Gi", "64Gi", "4")  # eval.gpus
+    assert _sizes(containers["exec-evaluate"]) == ("12", None, "64Gi", "64Gi", "1")  # eval.gpus
+    with pytest.raises(ConfigError, match="eval.gpus"):  # one device: more would be requested and left idle
+        load_config(ROOT / "configs/tiny.yaml", ["eval.gpus=4"])
     assert _sizes(containers["exec-label"]) == ("12", None, "64Gi", "64Gi", "2")  # labeling.gpus_per_worker
     with pytest.raises(ConfigError, match="memory"):
         load_config(ROOT / "configs/paper.yaml", ["launch.step_resources.driver.memory=2GB"])

@@ -104,7 +104,9 @@ def test_model_version_meta(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_compare_prints_differences_side_by_side(local_pipeline: PipelineRun, tmp_path: Path) -> None:
+@pytest.mark.xdist_group("local_pipeline")  # one worker builds the session's pipeline run (make test: xdist)
+def test_compare_prints_differences_side_by_side(local_pipeline: PipelineRun, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The pipeline's parent run against a second one (in a copy of its store: a new store costs a minute of
     migrations on this machine) that differs in one param and one headline figure."""
     from typer.testing import CliRunner
@@ -124,13 +126,18 @@ def test_compare_prints_differences_side_by_side(local_pipeline: PipelineRun, tm
     for key, value in first.data.metrics.items():
         client.log_metric(other.info.run_id, key, value + 2.5 if key == "synthetic/probe/seg_miou" else value)
 
+    from versavit.progress import console
+
+    # wide enough for the table: COLUMNS alone does not do it where the console was made with COLUMNS set
+    # (pytest-xdist's workers), as rich reads it once then
+    monkeypatch.setattr(console, "_width", 250)
     res = CliRunner().invoke(app, ["compare", first.info.run_name[:12], "tiny-other", "--config", str(TINY),
                                    f"tracking.uri={uri}"], env={"COLUMNS": "250"})
     assert res.exit_code == 0, res.output
     out = re.sub(r"[│┃]", " ", res.output)
     assert re.search(r"train\.multitask\.max_steps\s+6\s+50", out)  # the one param that differs
     assert f"params that differ (1; {len(params) - 1} the same)" in out
-    assert re.search(rf"synthetic/probe/seg_miou\s+{miou:.4g}\s+{miou + 2.5:.4g}\s+2\.5", out)
+    assert re.search(rf"synthetic/probe/seg_miou\s+{miou:.4g}\s+{miou + 2.5:.4g}\s+2\.5", out), out
     assert re.search(r"synthetic/probe/seg_miou/baseline\s+\S+\s+\S+\s+0\n", out)
     assert re.search(r"pipeline_kind\s+versavit\s+-", out)
     url = re.search(r"MLflow compare page: (\S+)", res.output).group(1)
@@ -173,6 +180,7 @@ def test_local_console_shows_progress_and_warnings_only(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("local_pipeline")  # one worker builds the session's pipeline run (make test: xdist)
 def test_local_pipeline_console_is_one_line_per_step_and_live(local_pipeline: PipelineRun) -> None:
     """`versavit pipeline run --local` as the user saw it: no executor input, no KFP warnings, one line per step,
     training progress while it trained, the steps again as a table and where to look next; the rest in step logs."""

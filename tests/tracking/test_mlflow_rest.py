@@ -25,7 +25,7 @@ import requests
 from mlflow.server import BACKEND_STORE_URI_ENV_VAR, SERVE_ARTIFACTS_ENV_VAR
 from pipeline_run import RUN_NAME_PATTERN, PipelineRun
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("local_pipeline")]  # one worker builds the run
 
 STAGES = {"data", "data_check", "label", "warmup", "multitask", "eval"}
 UPSTREAM = {"data_check": "data", "label": "data", "warmup": "label", "multitask": "warmup", "eval": "multitask"}

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from train_helpers import TRAINED_STEPS, read_metrics, tiny_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained_run")]  # one worker trains the run
 
 
 def test_every_loss_falls(trained_run: Path) -> None:

@@ -580,8 +580,8 @@ class EvalConfig(Strict):
                                           "stage's starting backbone")
     probe: ProbeConfig = ProbeConfig()
     seed: int = Field(0, description="seeds the linear probes (head initialisation, batch order)")
-    gpus: int = Field(1, ge=0, description="GPUs of the evaluate step on the cluster; evaluation runs on one "
-                      "device, so more than 1 is requested but not used yet")
+    gpus: int = Field(1, ge=0, le=1, description="GPUs of the evaluate step on the cluster: 1, or 0 for a CPU "
+                      "node (evaluation runs on one device, so a step never requests GPUs it would not use)")
 
 
 class WeightsConfig(Strict):
