@@ -167,6 +167,7 @@ def test_local_console_shows_progress_and_warnings_only(tmp_path: Path) -> None:
     assert reporter.step_name("comp-train-2", {"stage": "multitask", "variant": "caption"}) == "train multitask-caption"
     assert reporter.step_name("comp-label-datasets", {"kind": "embed", "shard_index": 0, "num_shards": 2}) == \
         "label-embed 1/2"
+    assert reporter.step_name("comp-prepare", {"shard_index": 0.0, "num_shards": 1.0}) == "prepare 1/1"  # as KFP passes
     assert reporter.step_name("comp-data-check", {}) == "data-check"
     assert reporter.short(f"{tmp_path}/data/synthetic") == "data/synthetic"
     assert reporter.show("[KFP Executor 2026-11-29 08:03:40,088 INFO]: Got executor_input:\n") is None

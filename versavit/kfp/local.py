@@ -86,7 +86,8 @@ class _StepReporter:
             return f"train {arguments['stage']}" + (f"-{arguments['variant']}" if arguments.get("variant") else "")
         if "shard_index" in arguments and "num_shards" in arguments:
             label = f"label-{arguments['kind']}" if base == "label-datasets" else base
-            return f"{label} {int(arguments['shard_index']) + 1}/{arguments['num_shards']}"
+            # KFP's local runner passes a ParallelFor's ints as floats (1.0)
+            return f"{label} {int(arguments['shard_index']) + 1}/{int(arguments['num_shards'])}"
         return base
 
     def short(self, text: str) -> str:
