@@ -125,3 +125,24 @@ def test_sigterm_runs_the_finally_blocks_and_a_hung_one_is_cut_short(tmp_path: P
         assert cleaned.read_text() == "cleaned"
         if mode == "hang":
             assert 1.0 <= time.monotonic() - t0 < 5.0  # killed by the deadline, grace_s after the first signal
+
+
+def test_a_signal_during_teardown_ends_the_rank_without_a_stray_traceback() -> None:
+    """A rank whose work failed is tearing down (atexit finalisers) when torchrun's SIGTERM arrives, as the survivor
+    of a peer's death does: it exits at once with 128 + 15, its log holding the failure's traceback only, not a
+    `Signalled` raised inside an atexit callback."""
+    script = (
+        "import atexit, os, signal, time\n"
+        "from versavit.train import lifeline\n"
+        "lifeline.exit_on_signals(grace_s=10)\n"
+        "def teardown():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(3)\n"
+        "atexit.register(teardown)\n"
+        "with lifeline.quick_exit_when_signalled():\n"
+        "    raise RuntimeError('peer gone')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr
+    assert res.stderr.count("Traceback") == 1 and "RuntimeError: peer gone" in res.stderr, res.stderr
+    assert "Exception ignored" not in res.stderr and "Signalled" not in res.stderr, res.stderr

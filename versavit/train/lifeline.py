@@ -44,6 +44,12 @@ class Signalled(SystemExit):
     """Raised in the main thread by SIGTERM / SIGHUP / SIGINT once `exit_on_signals` is installed."""
 
 
+# Set once the rank's work has ended (`quick_exit_when_signalled` left), however it ended: a signal after that
+# (torchrun stopping the survivors of a failed rank) ends the process at once instead of raising `Signalled`
+# into the interpreter's teardown, where an atexit finaliser would print it as a stray traceback.
+_work_ended = threading.Event()
+
+
 def _prctl() -> Any | None:
     if not sys.platform.startswith("linux"):
         return None
@@ -96,6 +102,8 @@ def exit_on_signals(grace_s: float = 5.0) -> None:
 
     def handler(signum: int, frame: Any) -> None:
         deadline.arm()
+        if _work_ended.is_set():  # tearing down already: nothing left for finally blocks to do
+            exit_now(128 + signum)
         if not raised.is_set():  # once: a second signal must not break the finally blocks of the first
             raised.set()
             raise Signalled(128 + signum)
@@ -139,6 +147,8 @@ def quick_exit_when_signalled() -> Iterator[None]:
         yield
     except Signalled as exc:
         exit_now(exc.code if isinstance(exc.code, int) else 1)
+    finally:
+        _work_ended.set()
 
 
 def exit_now(code: int) -> None:
