@@ -16,6 +16,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from autograd_memory import saved_bytes  # noqa: E402
 from tiny_model import TINY_MODEL  # noqa: E402
 from transformers import Siglip2Config, Siglip2Model, Siglip2VisionConfig, Siglip2VisionModel  # noqa: E402
 
@@ -185,23 +186,6 @@ def test_images_of_different_sizes_in_one_padded_pass_equal_single_images():
         model(images((48, 64)))
 
 
-def _saved_bytes(model: torch.nn.Module, fn) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while `fn` runs, parameters excluded (as in
-    test_training_memory.py)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(kept.values())
-
-
 def test_gradient_checkpointing_cuts_saved_activations_and_keeps_gradients():
     batch = torch.stack(images((64, 96), (64, 96), seed=4))
     kept, grads = {}, {}
@@ -209,7 +193,7 @@ def test_gradient_checkpointing_cuts_saved_activations_and_keeps_gradients():
         model = tiny(checkpointing=on)
         assert model.gradient_checkpointing is on and model.training
         assert all(block.gradient_checkpointing is on for block in model.blocks)
-        kept[on] = _saved_bytes(model, lambda model=model: model(batch, layers=[1, 2]).maps.sum())
+        kept[on] = saved_bytes(model, lambda model=model: model(batch, layers=[1, 2]).maps.sum())
         out = model(batch, layers=[1, 2], merged=True)
         (out.maps.square().mean() + out.layers[1].mean() + sum(m.sum() for m in out.merged)).backward()
         grads[on] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

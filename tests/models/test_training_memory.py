@@ -14,6 +14,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from autograd_memory import saved_bytes  # noqa: E402
 from tiny_model import TINY_MODEL  # noqa: E402
 
 from versavit.config import load_config  # noqa: E402
@@ -60,32 +61,16 @@ def _config(workdir: Path, backbone: str | None, llm: str | None, checkpointing:
         f"model.heads.caption.gradient_checkpointing={str(checkpointing).lower()}", *extra])
 
 
-def _saved_bytes(model: torch.nn.Module, fn) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while `fn` runs, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(kept.values())
-
-
 def _vit_bytes(model) -> int:
     images = torch.rand(2, 3, 56, 84)
-    return _saved_bytes(model, lambda: model.backbone(images))
+    return saved_bytes(model, lambda: model.backbone(images))
 
 
 def _llm_bytes(model) -> int:
     head = model.heads["caption"]
     visual = [torch.randn(6, 4 * D, requires_grad=True), torch.randn(4, 4 * D, requires_grad=True)]
     answers = ["a small red ball and two large blue cubes", "three green cylinders"]
-    return _saved_bytes(model, lambda: head(visual, [None, "How many objects are there?"], answers))
+    return saved_bytes(model, lambda: head(visual, [None, "How many objects are there?"], answers))
 
 
 def _build(cfg, stage: str, init_from: str | None = None):

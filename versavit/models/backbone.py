@@ -40,6 +40,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from versavit.config.schema import BackboneConfig
 from versavit.models import siglip2
+from versavit.models.checkpointing import set_hf_checkpointing
 from versavit.weights import local_model_path
 
 try:  # the pure-python copy: importing image_processing_qwen2_vl needs torchvision
@@ -374,19 +375,7 @@ class VisionBackbone(nn.Module):
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each block in backward (training mode only) instead of keeping its activations."""
-        tower = self.tower
-        # transformers >= 5 renamed gradient_* to activation_checkpointing_* (old names warn)
-        if enabled:
-            # non-reentrant: works when the input patches do not require grad and with frozen parts
-            kwargs = {"use_reentrant": False}
-            if hasattr(tower, "activation_checkpointing_enable"):
-                tower.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:  # pragma: no cover - transformers 4.x
-                tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        elif hasattr(tower, "activation_checkpointing_disable"):
-            tower.activation_checkpointing_disable()
-        else:  # pragma: no cover - transformers 4.x
-            tower.gradient_checkpointing_disable()
+        set_hf_checkpointing(self.tower, enabled)
 
     @property
     def blocks(self) -> nn.ModuleList:

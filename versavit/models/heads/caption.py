@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from versavit.config.schema import CaptionHeadConfig
+from versavit.models.checkpointing import set_hf_checkpointing
 from versavit.models.tokenizer import IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START, build_tiny_tokenizer
 from versavit.weights import local_model_path
 
@@ -184,17 +185,7 @@ class CaptionHead(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute the LLM's layer activations in backward (training mode only; non-reentrant, so it works with a
         frozen LLM whose input needs gradients, as in the warm-up). transformers >= 5 names, older as fallback."""
-        llm = self.llm
-        if enabled:
-            kwargs = {"use_reentrant": False}
-            if hasattr(llm, "activation_checkpointing_enable"):
-                llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:  # pragma: no cover - transformers 4.x
-                llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        elif hasattr(llm, "activation_checkpointing_disable"):
-            llm.activation_checkpointing_disable()
-        else:  # pragma: no cover - transformers 4.x
-            llm.gradient_checkpointing_disable()
+        set_hf_checkpointing(self.llm, enabled)
 
     def gradient_checkpointing_enable(self) -> None:
         self.set_gradient_checkpointing(True)
