@@ -38,10 +38,9 @@ def test_whole_local_pipeline_tracks_every_stage(local_pipeline: PipelineRun) ->
         history = client.get_metric_history(multitask.info.run_id, f"loss/{task}")
         assert len(history) == 6
     evaluation = children["eval"].data.metrics
-    assert any(k.endswith("probe/seg_miou") for k in evaluation)
-    assert any(k.endswith("probe/depth_rmse") for k in evaluation)
-    assert any(k.endswith("zeroshot/depth_absrel") for k in evaluation)
-    assert any(k.endswith("refseg/ciou") for k in evaluation)
+    for key in ("linear-probe/synthetic/seg_miou", "linear-probe/synthetic/depth_rmse",
+                "zero-shot-depth/synthetic/absrel", "refseg/synthetic/ciou", "da2k/synthetic/accuracy"):
+        assert f"trained/{key}" in evaluation, sorted(evaluation)
     report = json.loads((workdir / "reports" / "eval" / "comparison.json").read_text())
     assert report  # the comparison table exists as JSON (and markdown beside it)
     assert (workdir / "reports" / "eval" / "comparison.md").is_file()

@@ -7,6 +7,7 @@ line (`error: ...`; a bad config adds one line per problem) and exit non-zero wi
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import json
@@ -660,14 +661,24 @@ def eval_command(
                                      "unless --no-baseline"),
     with_baseline: bool = typer.Option(True, "--with-baseline/--no-baseline", help="include the baseline row"),
     out: Path | None = typer.Option(None, "--out", help="report folder (default: <workdir>/reports/eval)"),
+    evaluator: list[str] = typer.Option(None, "--evaluator", "-e", help="run only this evaluator (repeatable; "
+                                        "default: eval.evaluators); `--list` shows them"),
+    list_evaluators: bool = typer.Option(False, "--list", help="list the evaluators and their benchmarks, and exit"),
     overrides: list[str] = OverridesArg,
 ) -> None:
-    """Evaluate backbones on eval.benchmarks: linear probes, zero-shot depth, referring segmentation; write the
+    """Evaluate backbones with the configured evaluators (linear probes, zero-shot depth, DA-2K, referring
+    segmentation, fine-tuned depth and referring segmentation, 3D correspondence) on eval.benchmarks; write the
     comparison report (markdown + JSON + figures) and log every metric to MLflow."""
+    if list_evaluators:
+        _list_evaluators(config, overrides)
+        return
     from versavit.eval.run import baseline_candidate, compare_backbones, resolve_candidate, run_eval
     from versavit.layout import eval_cache_dir
 
     cfg = _load(config, overrides)
+    if evaluator:
+        _load_check_evaluators(list(evaluator))
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"evaluators": list(evaluator)})})
     if export:
         named: dict = {}
         for item in export:
@@ -687,6 +698,33 @@ def eval_command(
         result = run_eval(cfg, trained=trained, baseline=baseline, out_dir=out)
     console.print(Path(result["out_dir"], "comparison.md").read_text(), markup=False, highlight=False)
     console.print(f"report: {result['out_dir']} ({len(result['files'])} files); MLflow run {result['mlflow_run_id']}")
+
+
+def _load_check_evaluators(names: list[str]) -> None:
+    from versavit.config.schema import EvalConfig
+
+    try:
+        EvalConfig(evaluators=names)
+    except ValueError as exc:
+        raise ConfigError(f"--evaluator: {exc}") from exc
+
+
+def _list_evaluators(config: Path | None, overrides: list[str] | None) -> None:
+    """The registry as a table: name, kind, paper table, benchmarks, metrics, and whether the config runs it."""
+    from rich.table import Table
+
+    from versavit.eval.evaluators import all_evaluators
+
+    picked: list[str] = []
+    with contextlib.suppress(ConfigError, FileNotFoundError):  # no config here: list the registry alone
+        picked = list(_load(config, overrides).eval.evaluators)
+    table = Table(title="evaluators (eval.evaluators picks them; --evaluator NAME runs one)")
+    for col in ("evaluator", "kind", "paper", "benchmarks", "metrics", "in config"):
+        table.add_column(col, overflow="fold")
+    for name, cls in all_evaluators().items():
+        metrics = ", ".join(f"{k} ({v.label})" for k, v in cls.metric_specs.items())
+        table.add_row(name, cls.kind, cls.paper_table, cls.benchmarks_help, metrics, "yes" if name in picked else "")
+    console.print(table)
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,10 +37,11 @@ def test_run_eval_end_to_end(eval_run: Path) -> None:
     res = run_eval(cfg)
 
     base, trained = res["metrics"]["baseline"]["synthetic"], res["metrics"]["trained"]["synthetic"]
-    for key in ("probe/seg_miou", "probe/depth_rmse", "probe/depth_absrel", "probe/depth_delta1"):
+    for key in ("linear-probe/seg_miou", "linear-probe/depth_rmse", "linear-probe/depth_absrel",
+                "linear-probe/depth_delta1"):
         assert 0 <= base[key] < 100 and 0 <= trained[key] < 100
-    assert {"zeroshot/depth_absrel", "zeroshot/depth_delta1", "refseg/ciou", "refseg/miou"} <= set(trained)
-    assert not any(k.startswith(("zeroshot", "refseg")) for k in base)  # a bare backbone has no heads
+    assert {"zero-shot-depth/absrel", "zero-shot-depth/delta1", "refseg/ciou", "refseg/miou"} <= set(trained)
+    assert not any(k.startswith(("zero-shot-depth", "refseg")) for k in base)  # a bare backbone has no heads
     assert res["backbones"]["baseline"]["source"].startswith("random init")
 
     out = eval_run / "reports" / "eval"
@@ -48,25 +49,26 @@ def test_run_eval_end_to_end(eval_run: Path) -> None:
     md = (out / "comparison.md").read_text()
     assert "| baseline |" in md and "| trained |" in md and "Synthetic mIoU ↑" in md and "Synthetic RMSE ↓" in md
     table = json.loads((out / "comparison.json").read_text())["table"]
-    probe = next(s for s in table["sections"] if s["key"] == "probe")
-    delta = probe["deltas"]["trained"]["synthetic/probe/seg_miou"]
-    assert delta == pytest.approx(trained["probe/seg_miou"] - base["probe/seg_miou"])
+    probe = next(s for s in table["sections"] if s["key"] == "linear-probe")
+    delta = probe["deltas"]["trained"]["linear-probe/synthetic/seg_miou"]
+    assert delta == pytest.approx(trained["linear-probe/seg_miou"] - base["linear-probe/seg_miou"])
     figures = {p.name for p in (out / "figures").iterdir()}
-    assert {"depth_synthetic.png", "seg_synthetic.png", "refseg_synthetic.png", "probe_loss_synthetic.png",
-            "training_losses.png"} <= figures
+    assert {"probe_depth_synthetic.png", "probe_seg_synthetic.png", "zero-shot-depth_synthetic.png",
+            "refseg_synthetic.png", "probe_loss_synthetic.png", "training_losses.png"} <= figures
     for name in figures:
         assert min(_png_ok(out / "figures" / name)) > 100
 
     client, run = _mlflow_run(cfg, res["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["versavit.stage"] == "eval"
     m = run.data.metrics
-    for key in ("baseline/synthetic/probe/seg_miou", "trained/synthetic/probe/seg_miou",
-                "baseline/synthetic/probe/depth_rmse", "trained/synthetic/zeroshot/depth_absrel",
-                "trained/synthetic/zeroshot/depth_delta1", "trained/synthetic/refseg/ciou",
-                "trained/synthetic/refseg/miou", "delta/trained/synthetic/probe/seg_miou"):
+    for key in ("baseline/linear-probe/synthetic/seg_miou", "trained/linear-probe/synthetic/seg_miou",
+                "baseline/linear-probe/synthetic/depth_rmse", "trained/zero-shot-depth/synthetic/absrel",
+                "trained/zero-shot-depth/synthetic/delta1", "trained/refseg/synthetic/ciou",
+                "trained/refseg/synthetic/miou", "delta/trained/linear-probe/synthetic/seg_miou"):
         assert key in m, key
-    assert m["trained/synthetic/probe/seg_miou"] == pytest.approx(100 * trained["probe/seg_miou"])  # in %, as shown
-    steps = client.get_metric_history(run.info.run_id, "trained/synthetic/probe/seg_loss")
+    # in %, as shown
+    assert m["trained/linear-probe/synthetic/seg_miou"] == pytest.approx(100 * trained["linear-probe/seg_miou"])
+    steps = client.get_metric_history(run.info.run_id, "trained/linear-probe/synthetic/seg_loss")
     assert len(steps) == cfg.eval.probe.epochs * 3  # 24 samples / batch 8
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert {"eval/comparison.md", "eval/comparison.json", "eval/figures"} <= artifacts
@@ -96,19 +98,19 @@ def test_compare_named_exports_table4(eval_run: Path, tmp_path: Path) -> None:
     res = compare_backbones(urls, cfg, out_dir=tmp_path / "report")
     table = res["table"]
     assert table["reference"] == "caption" and table["backbones"] == ["caption", "caption+depth", "all"]
-    probe = next(s for s in table["sections"] if s["key"] == "probe")
+    probe = next(s for s in table["sections"] if s["key"] == "linear-probe")
     assert set(probe["deltas"]) == {"caption+depth", "all"}
-    zeroshot = next(s for s in table["sections"] if s["key"] == "zeroshot")
-    assert zeroshot["rows"]["caption"]["synthetic/zeroshot/depth_absrel"] is None
-    assert zeroshot["rows"]["caption+depth"]["synthetic/zeroshot/depth_absrel"] is not None
+    zeroshot = next(s for s in table["sections"] if s["key"] == "zero-shot-depth")
+    assert zeroshot["rows"]["caption"]["zero-shot-depth/synthetic/absrel"] is None
+    assert zeroshot["rows"]["caption+depth"]["zero-shot-depth/synthetic/absrel"] is not None
     assert "refseg/ciou" in res["metrics"]["all"]["synthetic"]
     assert "refseg/ciou" not in res["metrics"]["caption+depth"]["synthetic"]
     md = (tmp_path / "report" / "comparison.md").read_text()
     assert "| caption+depth |" in md and "against **caption**" in md
     _, run = _mlflow_run(cfg, res["mlflow_run_id"])
     # MLflow keys allow [A-Za-z0-9_-. /:] only: the tracker writes caption+depth as caption_depth
-    assert {"caption/synthetic/probe/seg_miou", "caption_depth/synthetic/probe/seg_miou",
-            "delta/all/synthetic/probe/seg_miou"} <= set(run.data.metrics)
+    assert {"caption/linear-probe/synthetic/seg_miou", "caption_depth/linear-probe/synthetic/seg_miou",
+            "delta/all/linear-probe/synthetic/seg_miou"} <= set(run.data.metrics)
 
 
 def test_refseg_without_embeddings_is_skipped(tmp_path: Path) -> None:
@@ -121,7 +123,7 @@ def test_refseg_without_embeddings_is_skipped(tmp_path: Path) -> None:
     save_export(cfg, str(tmp_path / "stages/multitask/export"))
     res = run_eval(cfg)
     assert "refseg/ciou" not in res["metrics"]["trained"]["synthetic"]
-    assert "zeroshot/depth_absrel" in res["metrics"]["trained"]["synthetic"]
+    assert "zero-shot-depth/absrel" in res["metrics"]["trained"]["synthetic"]
     assert any("skipped" in n and "emb.npy" in n for n in res["notes"])
     assert "emb.npy" in (tmp_path / "reports/eval/comparison.md").read_text()
 
@@ -172,14 +174,14 @@ def test_published_layouts_end_to_end(eval_run: Path, tmp_path: Path, monkeypatc
     res = compare_backbones({"trained": f"{eval_run}/stages/multitask/export"}, cfg, benchmarks=specs,
                             out_dir=tmp_path / "report")
     m = res["metrics"]["trained"]
-    assert 0 <= m["ade20k"]["probe/seg_miou"] <= 1 and len(res["per_class_iou"]["ade20k"]["trained"]) == 150
-    assert {"probe/depth_rmse", "zeroshot/depth_absrel", "zeroshot/depth_delta1"} <= set(m["nyu"])
-    assert "zeroshot/depth_absrel" not in m["ade20k"]
+    assert 0 <= m["ade20k"]["linear-probe/seg_miou"] <= 1 and len(res["per_class_iou"]["ade20k"]["trained"]) == 150
+    assert {"linear-probe/depth_rmse", "zero-shot-depth/absrel", "zero-shot-depth/delta1"} <= set(m["nyu"])
+    assert "zero-shot-depth/absrel" not in m["ade20k"]
     assert 0 <= m["refcoco"]["refseg/ciou"] <= 1 and "refseg/miou" in m["refcoco"]
     md = (tmp_path / "report" / "comparison.md").read_text()
     assert "ADE20k mIoU" in md and "NYUv2 RMSE" in md and "RefCOCO val cIoU" in md and "RefCOCO testA cIoU" in md
     figures = {p.name for p in (tmp_path / "report" / "figures").iterdir()}
-    assert {"seg_ade20k.png", "depth_nyu.png", "refseg_refcoco.png"} <= figures
+    assert {"probe_seg_ade20k.png", "probe_depth_nyu.png", "zero-shot-depth_nyu.png", "refseg_refcoco.png"} <= figures
 
     def broken(*args, **kwargs):  # noqa: ANN002, ANN003
         raise OSError("no weights here")

@@ -114,7 +114,8 @@ def test_eval_on_prepared_benchmarks(eval_run: Path, tmp_path: Path, monkeypatch
                             benchmarks=[f"nyu={tmp_path / 'nyuv2'}", f"refcoco={tmp_path / 'refcoco'}"],
                             out_dir=tmp_path / "report")
     m = res["metrics"]["trained"]
-    assert {"probe/depth_rmse", "probe/depth_absrel", "zeroshot/depth_absrel", "zeroshot/depth_delta1"} <= set(m["nyu"])
+    assert {"linear-probe/depth_rmse", "linear-probe/depth_absrel", "zero-shot-depth/absrel",
+            "zero-shot-depth/delta1"} <= set(m["nyu"])
     assert all(np.isfinite(v) for v in m["nyu"].values())
     for name in ("refcoco", "refcoco-testA"):
         assert 0 <= m[name]["refseg/ciou"] <= 1 and "refseg/miou" in m[name]

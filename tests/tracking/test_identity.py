@@ -68,10 +68,10 @@ def test_urls_and_saved_view() -> None:
                               r"&workflowType=machine_learning", url).groups()
     assert json.loads(urllib.parse.unquote(runs)) == ["a" * 32, "b" * 32]
     assert json.loads(urllib.parse.unquote(exps)) == ["7"]
-    view = headline_view(["synthetic/probe/seg_miou/baseline", "synthetic/probe/seg_miou/caption+depth"])
-    assert view["selectedColumns"][-2:] == ["metrics.`synthetic/probe/seg_miou/baseline`",
-                                            "metrics.`synthetic/probe/seg_miou/caption_depth`"]  # MLflow's key cleaning
-    assert view["columnWidths"]["metrics.`synthetic/probe/seg_miou/baseline`"] == 8 * 33 + 28
+    view = headline_view(["linear-probe/synthetic/seg_miou/baseline", "linear-probe/synthetic/seg_miou/caption+depth"])
+    assert view["selectedColumns"][-2:] == ["metrics.`linear-probe/synthetic/seg_miou/baseline`",  # MLflow's cleaning
+                                            "metrics.`linear-probe/synthetic/seg_miou/caption_depth`"]
+    assert view["columnWidths"]["metrics.`linear-probe/synthetic/seg_miou/baseline`"] == 8 * 40 + 28
     assert view["orderByKey"] == "attributes.start_time" and not view["orderByAsc"]
 
 
@@ -122,9 +122,9 @@ def test_compare_prints_differences_side_by_side(local_pipeline: PipelineRun, tm
     other = client.create_run(exp.experiment_id, run_name="tiny-other-run", tags={"versavit.pipeline": "true"})
     params = {**first.data.params, "train.multitask.max_steps": "50"}
     client.log_batch(other.info.run_id, params=[Param(k, v) for k, v in params.items()])
-    miou = first.data.metrics["synthetic/probe/seg_miou"]
+    miou = first.data.metrics["linear-probe/synthetic/seg_miou"]
     for key, value in first.data.metrics.items():
-        client.log_metric(other.info.run_id, key, value + 2.5 if key == "synthetic/probe/seg_miou" else value)
+        client.log_metric(other.info.run_id, key, value + 2.5 if key == "linear-probe/synthetic/seg_miou" else value)
 
     from versavit.progress import console
 
@@ -137,8 +137,8 @@ def test_compare_prints_differences_side_by_side(local_pipeline: PipelineRun, tm
     out = re.sub(r"[│┃]", " ", res.output)
     assert re.search(r"train\.multitask\.max_steps\s+6\s+50", out)  # the one param that differs
     assert f"params that differ (1; {len(params) - 1} the same)" in out
-    assert re.search(rf"synthetic/probe/seg_miou\s+{miou:.4g}\s+{miou + 2.5:.4g}\s+2\.5", out), out
-    assert re.search(r"synthetic/probe/seg_miou/baseline\s+\S+\s+\S+\s+0\n", out)
+    assert re.search(rf"linear-probe/synthetic/seg_miou\s+{miou:.4g}\s+{miou + 2.5:.4g}\s+2\.5", out), out
+    assert re.search(r"linear-probe/synthetic/seg_miou/baseline\s+\S+\s+\S+\s+0\n", out)
     assert re.search(r"pipeline_kind\s+versavit\s+-", out)
     url = re.search(r"MLflow compare page: (\S+)", res.output).group(1)
     assert url.startswith("http://127.0.0.1:5000/#/compare-runs?runs=")
@@ -207,20 +207,28 @@ def test_local_pipeline_console_is_one_line_per_step_and_live(local_pipeline: Pi
 
 
 def test_headline_metrics_of_several_trained_backbones() -> None:
+    from versavit.eval.evaluators import EvalContext, EvalResult, get
     from versavit.eval.report import backbone_figures, comparison_table, headline_metrics
 
-    metrics = {"baseline": {"synthetic": {"probe/seg_miou": 0.20, "probe/depth_rmse": 2.5}},
-               "caption": {"synthetic": {"probe/seg_miou": 0.25, "probe/depth_rmse": 2.4}},
-               "all": {"synthetic": {"probe/seg_miou": 0.33333, "probe/depth_rmse": 2.45678}}}
-    table = comparison_table(metrics, "baseline", ["synthetic"])
+    probe = get("linear-probe")(EvalContext(load_config("configs/tiny.yaml"), Path("."), Path(".")))
+    values = {"baseline": (0.20, 2.5), "caption": (0.25, 2.4), "all": (0.33333, 2.45678)}
+    results = []
+    for name, (miou, rmse) in values.items():
+        r = EvalResult("linear-probe", "synthetic", name)
+        r.add("seg_miou", miou, probe.metric_specs["seg_miou"])
+        r.add("depth_rmse", rmse, probe.metric_specs["depth_rmse"])
+        results.append(r)
+    table = comparison_table(results, "baseline", list(values), [probe], ["synthetic"])
     assert headline_metrics(table) == {
-        "synthetic/probe/seg_miou/baseline": 20.0, "synthetic/probe/seg_miou/caption": 25.0,
-        "synthetic/probe/seg_miou/caption/delta": 5.0, "synthetic/probe/seg_miou/all": 33.33,
-        "synthetic/probe/seg_miou/all/delta": 13.33, "synthetic/probe/depth_rmse/baseline": 2.5,
-        "synthetic/probe/depth_rmse/caption": 2.4, "synthetic/probe/depth_rmse/caption/delta": -0.1,
-        "synthetic/probe/depth_rmse/all": 2.4568, "synthetic/probe/depth_rmse/all/delta": -0.0432}
-    one = comparison_table({k: metrics[k] for k in ("baseline", "all")}, "baseline", ["synthetic"])
-    assert headline_metrics(one)["synthetic/probe/seg_miou"] == 33.33  # one trained backbone: the bare key
-    assert backbone_figures(one, "all") == {"synthetic/probe/seg_miou": 33.33, "delta/synthetic/probe/seg_miou": 13.33,
-                                            "synthetic/probe/depth_rmse": 2.4568,
-                                            "delta/synthetic/probe/depth_rmse": -0.0432}
+        "linear-probe/synthetic/seg_miou/baseline": 20.0, "linear-probe/synthetic/seg_miou/caption": 25.0,
+        "linear-probe/synthetic/seg_miou/caption/delta": 5.0, "linear-probe/synthetic/seg_miou/all": 33.33,
+        "linear-probe/synthetic/seg_miou/all/delta": 13.33, "linear-probe/synthetic/depth_rmse/baseline": 2.5,
+        "linear-probe/synthetic/depth_rmse/caption": 2.4, "linear-probe/synthetic/depth_rmse/caption/delta": -0.1,
+        "linear-probe/synthetic/depth_rmse/all": 2.4568, "linear-probe/synthetic/depth_rmse/all/delta": -0.0432}
+    one = comparison_table([r for r in results if r.backbone != "caption"], "baseline", ["baseline", "all"], [probe],
+                           ["synthetic"])
+    assert headline_metrics(one)["linear-probe/synthetic/seg_miou"] == 33.33  # one trained backbone: the bare key
+    assert backbone_figures(one, "all") == {"linear-probe/synthetic/seg_miou": 33.33,
+                                            "delta/linear-probe/synthetic/seg_miou": 13.33,
+                                            "linear-probe/synthetic/depth_rmse": 2.4568,
+                                            "delta/linear-probe/synthetic/depth_rmse": -0.0432}

@@ -111,21 +111,22 @@ def test_parent_run_identity_and_headline_metrics(runs: dict[str, Any], local_pi
     assert "tracking.uri" not in params
 
     metrics = _metrics(parent)  # headline: each benchmark metric's trained, /baseline and /delta, in % and metres
-    for key in ("probe/seg_miou", "probe/depth_rmse", "probe/depth_absrel", "probe/depth_delta1"):
-        trained, baseline = metrics[f"synthetic/{key}"], metrics[f"synthetic/{key}/baseline"]
-        assert metrics[f"synthetic/{key}/delta"] == pytest.approx(trained - baseline, abs=0.011)  # each rounded
-    assert 1 < metrics["synthetic/probe/depth_delta1"] <= 100  # percent, not a fraction
-    assert {"synthetic/zeroshot/depth_absrel", "synthetic/refseg/ciou"} <= set(metrics)
+    for metric in ("seg_miou", "depth_rmse", "depth_absrel", "depth_delta1"):
+        key = f"linear-probe/synthetic/{metric}"
+        trained, baseline = metrics[key], metrics[f"{key}/baseline"]
+        assert metrics[f"{key}/delta"] == pytest.approx(trained - baseline, abs=0.011)  # each rounded
+    assert 1 < metrics["linear-probe/synthetic/depth_delta1"] <= 100  # percent, not a fraction
+    assert {"zero-shot-depth/synthetic/absrel", "refseg/synthetic/ciou"} <= set(metrics)
     evaluation = next(r for r in runs["runs"] if _tags(r).get("versavit.stage") == "eval")
-    assert _metrics(evaluation)["trained/synthetic/probe/seg_miou"] == pytest.approx(  # the eval run: unrounded
-        metrics["synthetic/probe/seg_miou"], abs=0.005)
+    assert _metrics(evaluation)["trained/linear-probe/synthetic/seg_miou"] == pytest.approx(  # the eval run: unrounded
+        metrics["linear-probe/synthetic/seg_miou"], abs=0.005)
 
     units = json.loads((local_pipeline.workdir / "reports" / "eval" / "comparison.json").read_text())["units"]
-    assert units["values"].startswith("raw fractions") and units["scale"]["probe/seg_miou"] == 100
+    assert units["values"].startswith("raw fractions") and units["scale"]["linear-probe/synthetic/seg_miou"] == 100
 
     view = json.loads({t["key"]: t["value"] for t in runs["experiment"]["tags"]}[
         "mlflow.sharedViewState.versavit-headline"])  # the runs table's saved headline columns
-    assert {"metrics.`synthetic/probe/seg_miou`", "metrics.`synthetic/probe/seg_miou/delta`"} <= set(
+    assert {"metrics.`linear-probe/synthetic/seg_miou`", "metrics.`linear-probe/synthetic/seg_miou/delta`"} <= set(
         view["selectedColumns"])
     assert "tags.`versavit.tasks`" in view["selectedColumns"]
 
@@ -166,8 +167,9 @@ def test_model_versions_carry_config_hash_figures_and_description(runs: dict[str
     assert re.search(r"/stages/multitask/exports/[0-9a-f]+-6/backbone$", version["source"])  # immutable copy
     assert tags["versavit.source"] == version["source"]
     parent = next(r for r in runs["runs"] if "mlflow.parentRunId" not in _tags(r))
-    assert float(tags["versavit.eval.synthetic/probe/seg_miou"]) == _metrics(parent)["synthetic/probe/seg_miou"]
-    assert "versavit.eval.delta/synthetic/probe/seg_miou" in tags and "versavit.final.loss/depth" in tags
+    key = "linear-probe/synthetic/seg_miou"
+    assert float(tags[f"versavit.eval.{key}"]) == _metrics(parent)[key]
+    assert "versavit.eval.delta/linear-probe/synthetic/seg_miou" in tags and "versavit.final.loss/depth" in tags
     assert tags["mlflow.source.git.commit"] == _tags(train)["mlflow.source.git.commit"]
     assert tags["versavit.kfp_run_id"] == _tags(train)["versavit.kfp_run_id"]
     assert "6 steps on caption, depth, refseg" in version["description"]

@@ -57,7 +57,7 @@ def test_the_trained_export_is_evaluated_with_its_heads(trained_run: Path) -> No
                       "eval.probe.epochs=2", "eval.probe.batch_size=8")
     result = run_eval(cfg)
     trained = result["metrics"]["trained"]["synthetic"]
-    for key in ("probe/seg_miou", "probe/depth_rmse", "zeroshot/depth_absrel", "refseg/ciou"):
+    for key in ("linear-probe/seg_miou", "linear-probe/depth_rmse", "zero-shot-depth/absrel", "refseg/ciou"):
         assert math.isfinite(trained[key]), key
-    assert "zeroshot/depth_absrel" not in result["metrics"]["baseline"]["synthetic"]  # no heads: probes only
+    assert "zero-shot-depth/absrel" not in result["metrics"]["baseline"]["synthetic"]  # no heads: probes only
     assert (Path(result["out_dir"]) / "comparison.md").is_file()

@@ -1,10 +1,12 @@
 """The evaluation report: comparison tables (markdown + JSON) and figures (PNG).
 
-Tables take the shape of the paper's: rows are backbones (Table 3: Qwen2-VL ViT vs VersaViT; Table 4: one
-row per task subset of the ablation), columns are benchmark metrics; every row after the reference shows
-its delta to the reference in parentheses. One unit convention for every figure a person reads (this report,
-MLflow, `versavit compare`): mIoU, pixel accuracy, cIoU, AbsRel and delta1 in percent, RMSE in metres (as in
-the paper; `display_value`); comparison.json keeps raw fractions for programs and says so (`units`).
+One table per evaluator, in the shape of the paper's table it reproduces: rows are backbones (Table 3: Qwen2-VL
+ViT vs VersaViT; Table 4: one row per task subset of the ablation), then the paper's own numbers for the same
+columns as reference rows (versavit.eval.paper); columns are `<evaluator>/<benchmark>/<metric>`; every backbone
+row after the reference shows its delta to the reference in parentheses. One unit convention for every figure a
+person reads (this report, MLflow, `versavit compare`): mIoU, accuracies, cIoU, recall, AbsRel and delta1 in
+percent, RMSE in metres (as in the paper; `display_value`); comparison.json keeps raw fractions for programs and
+says so (`units`).
 """
 
 from __future__ import annotations
@@ -13,61 +15,43 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-# metric -> (label, higher is better, display scale, format)
-METRICS: dict[str, tuple[str, bool, float, str]] = {
-    "probe/seg_miou": ("mIoU", True, 100, ".1f"),
-    "probe/seg_acc": ("pixel acc.", True, 100, ".1f"),
-    "probe/depth_rmse": ("RMSE", False, 1, ".3f"),
-    "probe/depth_absrel": ("AbsRel", False, 100, ".1f"),
-    "probe/depth_delta1": ("δ1", True, 100, ".1f"),
-    "zeroshot/depth_absrel": ("AbsRel", False, 100, ".1f"),
-    "zeroshot/depth_delta1": ("δ1", True, 100, ".1f"),
-    "zeroshot/depth_rmse": ("RMSE", False, 1, ".3f"),
-    "refseg/ciou": ("cIoU", True, 100, ".1f"),
-    "refseg/miou": ("mIoU", True, 100, ".1f"),
-}
-SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("probe", "Linear probes, frozen backbone (paper Table 3; Table 4 for task ablations)",
-     ("probe/seg_miou", "probe/depth_rmse", "probe/depth_absrel", "probe/depth_delta1")),
-    ("zeroshot", "Zero-shot relative depth, multi-task DPT head (paper Table 9)",
-     ("zeroshot/depth_absrel", "zeroshot/depth_delta1")),
-    ("refseg", "Referring segmentation, multi-task head (paper Table 10)", ("refseg/ciou", "refseg/miou")),
-)
+if TYPE_CHECKING:
+    from versavit.eval.evaluators import EvalResult, Evaluator
+
 BENCHMARK_LABELS = {"synthetic": "Synthetic", "ade20k": "ADE20k", "voc": "VOC", "cityscapes": "Cityscapes",
                     "nyu": "NYUv2", "kitti": "KITTI", "refcoco": "RefCOCO val", "refcoco+": "RefCOCO+ val",
                     "refcocog": "RefCOCOg val", "refcoco-testA": "RefCOCO testA", "refcoco-testB": "RefCOCO testB",
                     "refcoco+-testA": "RefCOCO+ testA", "refcoco+-testB": "RefCOCO+ testB",
-                    "refcocog-test": "RefCOCOg test"}
+                    "refcocog-test": "RefCOCOg test", "da2k": "DA-2K", "navi": "NAVI", "spair": "SPair-71k"}
 
 
 def _finite(v: Any) -> bool:
     return isinstance(v, int | float) and math.isfinite(v)
 
 
-UNITS = "mIoU, pixel accuracy, cIoU, AbsRel and δ1 in %, RMSE in metres"
+UNITS = "mIoU, accuracies, cIoU, recall, AbsRel and δ1 in %, RMSE in metres"
 
 
-def display_value(metric: str, value: float) -> float:
-    """`value` of `metric` (e.g. "probe/seg_miou", a raw fraction) in the units every person-facing figure uses:
-    the report's, MLflow's, `versavit compare`'s (UNITS; scale from METRICS). Other metrics pass unchanged."""
-    spec = METRICS.get(metric)
-    return float(value) * spec[2] if spec else float(value)
+def display_value(column: Mapping[str, Any], value: float) -> float:
+    """A raw value (fraction, metres) of a table column in the units every person-facing figure uses: the
+    report's, MLflow's, `versavit compare`'s (UNITS; the column's scale)."""
+    return float(value) * float(column.get("scale", 1.0))
 
 
-def _rounded(metric: str, value: float) -> float:
+def _rounded(column: Mapping[str, Any], value: float) -> float:
     """A display value to one digit more than the report prints (a runs table shows every digit it gets)."""
-    digits = int(METRICS[metric][3].strip(".f")) + 1 if metric in METRICS else 6
-    return round(display_value(metric, value), digits)
+    digits = int(str(column.get("fmt", ".5f")).strip(".fe")) + 1
+    return round(display_value(column, value), digits)
 
 
 def headline_metrics(table: Mapping[str, Any]) -> dict[str, float]:
     """The comparison's headline figures for the pipeline's parent run, so the runs table compares experiments:
-    for every column of the table (`<benchmark>/<group>/<metric>`, e.g. `synthetic/probe/seg_miou`), in display
-    units, rounded one digit past the report's:
+    for every column of the table (`<evaluator>/<benchmark>/<metric>`, e.g. `linear-probe/synthetic/seg_miou`), in
+    display units, rounded one digit past the report's:
 
     - the trained backbone's value as the column's key itself, its delta to the reference as `<key>/delta`, and
       the reference's (baseline's) as `<key>/baseline`: each metric's three side by side in MLflow's runs table,
@@ -83,60 +67,74 @@ def headline_metrics(table: Mapping[str, Any]) -> dict[str, float]:
     others = [n for n in table.get("backbones", []) if n != reference]
     for section in table.get("sections", []):
         for column in section["columns"]:
-            key, metric = column["key"], column["metric"]
+            key = column["key"]
             if _finite(value := section["rows"].get(reference, {}).get(key)):
-                reference_values[f"{key}/{reference}"] = _rounded(metric, value)
+                reference_values[f"{key}/{reference}"] = _rounded(column, value)
             for name in others:
                 at = key if len(others) == 1 else f"{key}/{name}"
                 if _finite(value := section["rows"][name].get(key)):
-                    trained[at] = _rounded(metric, value)
+                    trained[at] = _rounded(column, value)
                 if _finite(delta := section["deltas"].get(name, {}).get(key)):
-                    deltas[f"{at}/delta"] = _rounded(metric, delta)
+                    deltas[f"{at}/delta"] = _rounded(column, delta)
     # logged in this order: MLflow's compare page charts the first metric a run has, which should differ by run
     return {**trained, **deltas, **reference_values}
 
 
 def backbone_figures(table: Mapping[str, Any], name: str) -> dict[str, float]:
-    """One backbone's figures in display units: `<benchmark>/<group>/<metric>` and, for a backbone other than the
-    reference, `delta/<benchmark>/<group>/<metric>` (what its model version is tagged with)."""
+    """One backbone's figures in display units: `<evaluator>/<benchmark>/<metric>` and, for a backbone other than
+    the reference, `delta/<evaluator>/<benchmark>/<metric>` (what its model version is tagged with)."""
     out: dict[str, float] = {}
     for section in table.get("sections", []):
         for column in section["columns"]:
-            key, metric = column["key"], column["metric"]
+            key = column["key"]
             if _finite(value := section["rows"].get(name, {}).get(key)):
-                out[key] = _rounded(metric, value)
+                out[key] = _rounded(column, value)
             if _finite(delta := section["deltas"].get(name, {}).get(key)):
-                out[f"delta/{key}"] = _rounded(metric, delta)
+                out[f"delta/{key}"] = _rounded(column, delta)
     return out
 
 
-def comparison_table(metrics: Mapping[str, Mapping[str, Mapping[str, float]]], reference: str,
-                     benchmarks: Sequence[str]) -> dict[str, Any]:
-    """metrics[backbone][benchmark][metric] -> sections of columns, rows and deltas to `reference`."""
-    names = list(metrics)
+def comparison_table(results: Sequence[EvalResult], reference: str, backbones: Sequence[str],
+                     evaluators: Sequence[Evaluator], benchmarks: Sequence[str]) -> dict[str, Any]:
+    """Every backbone's results -> one section per evaluator (in the given order): columns `<evaluator>/
+    <benchmark>/<metric>` (benchmarks in the given order, metrics in the evaluator's column order), rows of raw
+    values per backbone, deltas to `reference`, and the paper's numbers for the same columns (display units)."""
+    from versavit.eval.paper import paper_value
+
+    by = {(r.evaluator, r.benchmark, r.backbone): r for r in results}
+    names = list(backbones)
     sections = []
-    for key, title, wanted in SECTIONS:
+    for ev in evaluators:
+        specs = ev.columns()
+        headline = next(iter(specs), "")
         columns = []
         for bench in benchmarks:
-            for metric in wanted:
-                if any(_finite(metrics[n].get(bench, {}).get(metric)) for n in names):
-                    label, higher, _, _ = METRICS[metric]
-                    columns.append({"key": f"{bench}/{metric}", "benchmark": bench, "metric": metric,
-                                    "label": f"{BENCHMARK_LABELS.get(bench, bench)} {label}",
-                                    "higher_is_better": higher})
+            for metric, spec in specs.items():
+                values = [by[(ev.name, bench, n)].value(metric) for n in names if (ev.name, bench, n) in by]
+                if any(_finite(v) for v in values):
+                    columns.append({"key": f"{ev.name}/{bench}/{metric}", "evaluator": ev.name, "benchmark": bench,
+                                    "metric": metric, "label": f"{BENCHMARK_LABELS.get(bench, bench)} {spec.label}",
+                                    "higher_is_better": spec.higher_is_better, "scale": spec.scale, "fmt": spec.fmt,
+                                    "paper": paper_value(ev.name, bench, metric, headline)})
         if not columns:
             continue
-        rows = {n: {c["key"]: metrics[n].get(c["benchmark"], {}).get(c["metric"]) for c in columns} for n in names}
+        rows = {n: {c["key"]: (by[(ev.name, c["benchmark"], n)].value(c["metric"])
+                               if (ev.name, c["benchmark"], n) in by else None) for c in columns} for n in names}
         deltas = {n: {k: (v - rows[reference][k]) if _finite(v) and _finite(rows[reference].get(k)) else None
                       for k, v in rows[n].items()} for n in names if n != reference}
-        sections.append({"key": key, "title": title, "columns": columns, "rows": rows, "deltas": deltas})
+        paper_rows: dict[str, dict[str, float]] = {}
+        for c in columns:
+            for row, value in c["paper"].items():
+                paper_rows.setdefault(row, {})[c["key"]] = value
+        sections.append({"key": ev.name, "title": ev.title, "columns": columns, "rows": rows, "deltas": deltas,
+                         "paper": paper_rows})
     return {"reference": reference, "backbones": names, "sections": sections}
 
 
-def _cell(metric: str, value: Any, delta: Any = None) -> str:
+def _cell(column: Mapping[str, Any], value: Any, delta: Any = None) -> str:
     if not _finite(value):
         return "–"
-    _, _, scale, fmt = METRICS[metric]
+    scale, fmt = column["scale"], column["fmt"]
     text = format(value * scale, fmt)
     if _finite(delta):
         text += f" ({delta * scale:+{fmt}})"
@@ -148,7 +146,7 @@ def to_markdown(table: Mapping[str, Any], sources: Mapping[str, str], title: str
     lines = [f"# {title}", ""]
     lines += [f"- **{name}**: {sources.get(name, '')}" for name in table["backbones"]]
     lines += ["", f"Deltas in parentheses are against **{table['reference']}**; ↑ higher is better, ↓ lower is better. "
-              "mIoU, cIoU, AbsRel and δ1 in %, RMSE in metres.", ""]
+              f"{UNITS}. Rows in italics: the paper's numbers.", ""]
     for section in table["sections"]:
         cols = section["columns"]
         lines += [f"## {section['title']}", ""]
@@ -157,8 +155,11 @@ def to_markdown(table: Mapping[str, Any], sources: Mapping[str, str], title: str
         lines.append("|---|" + "---|" * len(cols))
         for name in table["backbones"]:
             deltas = section["deltas"].get(name, {})
-            cells = [_cell(c["metric"], section["rows"][name][c["key"]], deltas.get(c["key"])) for c in cols]
+            cells = [_cell(c, section["rows"][name][c["key"]], deltas.get(c["key"])) for c in cols]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        for row, values in section.get("paper", {}).items():  # the paper's numbers, as printed
+            cells = [format(values[c["key"]], c["fmt"]) if c["key"] in values else "" for c in cols]
+            lines.append(f"| *{row}* | " + " | ".join(cells) + " |")
         lines.append("")
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
@@ -171,8 +172,8 @@ def write_tables(out_dir: Path, table: Mapping[str, Any], results: Mapping[str, 
     md = out_dir / "comparison.md"
     md.write_text(to_markdown(table, sources, title, notes))
     js = out_dir / "comparison.json"
-    units = {"values": "raw fractions (RMSE in metres); displayed: " + UNITS,
-             "scale": {m: spec[2] for m, spec in METRICS.items()}}
+    units = {"values": "raw fractions (RMSE in metres); displayed: " + UNITS + "; paper rows as printed",
+             "scale": {c["key"]: c["scale"] for sec in table["sections"] for c in sec["columns"]}}
     js.write_text(json.dumps({"table": table, **results, "units": units}, indent=1, default=_json_default))
     return [md, js]
 

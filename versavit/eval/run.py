@@ -1,9 +1,14 @@
-"""The evaluation stage: every benchmark, every backbone, one comparison report, tracked in MLflow.
+"""The evaluation stage: every evaluator, every benchmark, every backbone, one comparison report, in MLflow.
 
     run_eval(cfg)                         baseline vs trained (the multi-task stage's export)
     compare_backbones({"caption": url1, "caption+depth": url2, "all": url3}, cfg)      N named backbones
+    evaluate_one(cfg, exports, "da2k")    one evaluator (the pipeline's fan-out step): results JSON + figures
+    report_from_results(cfg, exports, [results URLs])   the report of the fan-out (the pipeline's report step)
 
-Which backbones `run_eval` compares:
+The protocols are the registry's (versavit.eval.evaluators, picked by `eval.evaluators`); this module only
+loops: for each backbone (loaded once), each evaluator, each benchmark it applies to -> an EvalResult.
+
+Which backbones `run_eval` compares (versavit.eval.candidates):
 - "trained": `<workdir>/stages/multitask/export` (or the `trained` argument / `--trained`).
 - "baseline": `eval.baseline_backbone` if set; else the backbone the multi-task stage started from:
   `model.backbone.pretrained` if set (e.g. Qwen/Qwen2-VL-7B-Instruct: the paper's Qwen2-VL ViT row), else
@@ -15,342 +20,236 @@ A backbone given by URL may be a versavit export (a folder with versavit.json: b
 zero-shot depth and referring-segmentation heads are evaluated too), a Hugging Face vision-tower folder, a
 full Qwen2-VL checkpoint or hub id, or an s3:// URL of any of those (copied to the local cache first).
 
-Metric names in MLflow: `<backbone>/<benchmark>/<group>/<metric>`, e.g. `trained/synthetic/probe/seg_miou`,
-`baseline/nyu/probe/depth_rmse`, `trained/synthetic/zeroshot/depth_absrel`, `trained/synthetic/refseg/ciou`;
-the deltas to the reference backbone as `delta/<backbone>/<benchmark>/<group>/<metric>`, all in the report's
-units (% and metres: `report.UNITS`); probe loss curves as `<backbone>/<benchmark>/probe/<task>_loss` over
-steps. MLflow keys take [A-Za-z0-9_-. /:] only, so the tracker writes a name like `caption+depth` as
+Metric names in MLflow: `<backbone>/<evaluator>/<benchmark>/<metric>`, e.g.
+`trained/linear-probe/synthetic/seg_miou`, `baseline/linear-probe/nyu/depth_rmse`,
+`trained/zero-shot-depth/synthetic/absrel`, `trained/da2k/synthetic/accuracy`; the deltas to the reference
+backbone as `delta/<backbone>/<evaluator>/<benchmark>/<metric>`, all in the report's units (% and metres:
+`report.UNITS`); training curves (probe and fine-tune losses) as `<backbone>/<evaluator>/<benchmark>/<curve>`
+over steps. MLflow keys take [A-Za-z0-9_-. /:] only, so the tracker writes a name like `caption+depth` as
 `caption_depth` (the report keeps the name as given).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from versavit import storage, weights
 from versavit.config import RunConfig, config_to_dict
-from versavit.eval import report
+from versavit.eval import evaluators, report
+from versavit.eval.candidates import Candidate, baseline_candidate, resolve_candidate, trained_candidate  # noqa: F401 - re-exported
 from versavit.eval.datasets import Benchmark, open_benchmarks
-from versavit.eval.features import backbone_digest, cached_features
-from versavit.eval.probe import ProbeSettings, train_depth_probe, train_seg_probe
-from versavit.eval.refseg import RefSegSkipped, evaluate_refseg
-from versavit.eval.zeroshot import evaluate_zeroshot_depth
-from versavit.layout import eval_cache_dir, metrics_log, metrics_log_of_export, reports_dir, weights_record_url
+from versavit.eval.evaluators import EvalResult, Evaluator, MetricSpec
+from versavit.layout import eval_cache_dir, metrics_log, metrics_log_of_export, reports_dir
 from versavit.models.backbone import VisionBackbone
-from versavit.models.precision import precision_dtype, resolve_precision
 from versavit.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Candidate:
-    """One backbone of a comparison: where it comes from and, for a versavit export, its local folder."""
-
-    name: str
-    source: str  # URL / path / hub id, or a description of an in-memory backbone
-    backbone: VisionBackbone | None = None  # given in memory (the random-init baseline)
-    export: Path | None = None  # local versavit export (backbone/ + heads)
-    heads: tuple[str, ...] = ()
-
-    def load_backbone(self) -> VisionBackbone:
-        if self.backbone is not None:
-            return self.backbone.float().eval()
-        path = str(self.export / "backbone") if self.export else self.source
-        return VisionBackbone.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def _local_copy(url: str, cache: Path) -> Path:
-    """A local folder for `url` (s3:// folders are copied once into the cache, safely across processes)."""
-    if not storage.is_remote(url):
-        return Path(url.removeprefix("file://"))
-    return weights.cached_copy(url, cache / "exports" / hashlib.sha256(url.encode()).hexdigest()[:16])
-
-
-def resolve_candidate(name: str, spec: str | VisionBackbone | Candidate, cache: Path) -> Candidate:
-    """A URL / hub id / in-memory backbone -> Candidate (versavit exports keep their heads)."""
-    if isinstance(spec, Candidate):
-        return spec
-    if isinstance(spec, VisionBackbone):
-        return Candidate(name, "in-memory backbone", backbone=spec)
-    if storage.is_remote(spec) and storage.exists(weights_record_url(spec)):
-        return Candidate(name, spec)  # a staged checkpoint: from_pretrained copies it into the node's model cache
-    local = _local_copy(spec, cache) if storage.is_remote(spec) else Path(spec)
-    if (local / "versavit.json").is_file():
-        heads = tuple(h for h in json.loads((local / "versavit.json").read_text())["heads"] if h != "caption")
-        return Candidate(name, spec, export=local, heads=heads)
-    if local.is_dir():
-        return Candidate(name, str(local))
-    if spec.startswith(("/", ".", "~")) or spec.count("/") != 1:  # a path, not an owner/name hub id
-        raise storage.StorageError(f"backbone {name!r}: {spec} does not exist (expected a versavit export, a "
-                                   "vision-tower folder or a hub id)", kind="missing")
-    return Candidate(name, spec)  # a hub id: loaded (and downloaded if allowed) by VisionBackbone
-
-
-def baseline_candidate(cfg: RunConfig) -> Candidate:
-    """The backbone the multi-task stage started from (see the module docstring for the rules)."""
-    cfg = weights.resolve(cfg)  # staged checkpoints (weights.url) instead of hub ids
-    cache = eval_cache_dir(cfg)
-    if cfg.eval.baseline_backbone:
-        return resolve_candidate("baseline", cfg.eval.baseline_backbone, cache)
-    if cfg.model.backbone.pretrained:
-        return resolve_candidate("baseline", cfg.model.backbone.pretrained, cache)
-    init = cfg.train.multitask.init_from
-    if init and init != "auto":
-        return resolve_candidate("baseline", init, cache)
-    dtype = precision_dtype(cfg.train.precision)  # as the multi-task stage built it on this machine
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.train.seed)  # what run_stage does right before VersaViT.build (tower first)
-        backbone = VisionBackbone.build(cfg.model.backbone, dtype=dtype)
-    precision = resolve_precision(cfg.train.precision)
-    return Candidate("baseline", f"random init (train.seed={cfg.train.seed}, {precision}): the multi-task "
-                     "stage's starting backbone", backbone=backbone)
-
-
-def trained_candidate(cfg: RunConfig, url: str | None = None) -> Candidate:
-    url = url or storage.join(cfg.workdir, "stages", "multitask", "export")
-    if not storage.exists(url):
-        raise storage.StorageError(f"no trained backbone at {url}: run `versavit train multitask` first, or pass "
-                                   "--trained URL", kind="missing")
-    return resolve_candidate("trained", url, eval_cache_dir(cfg))
-
-
 # ------------------------------------------------------------------------------------------------
 
 
-def _probe_backbone(cand: Candidate, backbone: VisionBackbone, digest: str, bench: Benchmark, cfg: RunConfig,
-                    settings: ProbeSettings, cache: Path, metrics: dict, extras: dict) -> None:
-    """Seg and depth linear probes of one backbone on one benchmark (features from the cache)."""
-    probe = cfg.eval.probe
-    wanted = [t for t in ("seg", "depth") if t in bench.tasks]
-    if not wanted or bench.train is None:
-        return
-    res = {"seg": probe.seg_resolution, "depth": probe.depth_resolution}
-    sets = {}
-    for r in sorted({res[t] for t in wanted}):
-        sets[r] = tuple(cached_features(backbone, reader, r, cache, batch_size=probe.batch_size, digest=digest,
-                                        label=cand.name) for reader in (bench.train, bench.eval))
-    out = metrics.setdefault(bench.name, {})
-    ex = extras.setdefault(bench.name, {})
-    for task in wanted:
-        train, val = sets[res[task]]
-        label = f"{cand.name} {bench.name} {task}"
-        if task == "seg":
-            result = train_seg_probe(train, val, bench.eval.num_classes, settings, bench.eval.ignore_index, label)
-            out["probe/seg_miou"], out["probe/seg_acc"] = result.metrics["miou"], result.metrics["acc"]
-            ex.setdefault("per_class_iou", {})[cand.name] = result.metrics["iou_per_class"]
-        else:
-            result = train_depth_probe(train, val, bench.eval.min_depth, bench.eval.max_depth, settings, label)
-            for k in ("rmse", "absrel", "delta1"):
-                out[f"probe/depth_{k}"] = result.metrics[k]
-        ex.setdefault(f"probe_{task}_pred", {})[cand.name] = result.examples["pred"]
-        ex.setdefault(f"probe_{task}_loss", {})[cand.name] = result.history["step_loss"]
-        ex.setdefault(f"probe_{task}_val", val)
+def open_benches(cfg: RunConfig, specs: list[str] | None = None) -> list[Benchmark]:
+    """Every benchmark of `eval.benchmarks` (or `specs`); RefCOCO gives one per evaluation split."""
+    return [b for spec in (specs or list(cfg.eval.benchmarks)) for b in open_benchmarks(spec, cfg.workdir)]
 
 
-def _heads_eval(cand: Candidate, bench: Benchmark, cfg: RunConfig, metrics: dict, extras: dict,
-                notes: list[str]) -> None:
-    """Zero-shot depth and referring segmentation with the export's own heads."""
-    from versavit.models.multitask import VersaViT
-
-    todo = [h for h in ("depth", "refseg") if h in cand.heads and h in bench.tasks]
-    if not todo or cand.export is None:
-        return
-    model = VersaViT.from_export(str(cand.export), cfg.model, heads=todo, dtype=torch.float32)
-    res = cfg.train.resolution
-    out = metrics.setdefault(bench.name, {})
-    ex = extras.setdefault(bench.name, {})
-    if "depth" in todo:
-        # the space the head was trained in: recorded by the export if it says so, else the run's config
-        meta = json.loads((cand.export / "versavit.json").read_text())
-        space = meta.get("depth_target") or (meta.get("heads_config") or {}).get("depth", {}).get("target") \
-            or model.heads["depth"].target
-        z = evaluate_zeroshot_depth(model, bench.eval, res.depth, space,
-                                    batch_size=cfg.eval.probe.batch_size, label=cand.name)
-        for k in ("absrel", "delta1", "rmse"):
-            out[f"zeroshot/depth_{k}"] = z["metrics"][k]
-        ex.setdefault("zeroshot", {})[cand.name] = z["examples"]
-    if "refseg" in todo:
-        try:
-            r = evaluate_refseg(model, bench.eval, res.refseg, _embedder(cfg, bench), label=cand.name)
-        except RefSegSkipped as exc:
-            notes.append(f"referring segmentation of {cand.name} on {bench.name} skipped: {exc}")
-            log.warning(notes[-1])
-        else:
-            out["refseg/ciou"], out["refseg/miou"] = r["metrics"]["ciou"], r["metrics"]["miou"]
-            ex.setdefault("refseg", {})[cand.name] = r["examples"]
+def make_evaluators(cfg: RunConfig, names: list[str] | None, out_dir: Path) -> list[Evaluator]:
+    """The configured evaluators (`eval.evaluators`, or `names`), in report order, sharing one context."""
+    names = list(names or cfg.eval.evaluators)
+    for name in names:
+        if name not in evaluators.MODULES:
+            raise ValueError(f"unknown evaluator {name!r}; valid: {', '.join(evaluators.MODULES)} "
+                             "(`versavit eval --list`)")
+    ctx = evaluators.EvalContext(cfg=cfg, cache=eval_cache_dir(cfg), out_dir=out_dir)
+    order = list(evaluators.MODULES)
+    return [evaluators.get(n)(ctx) for n in sorted(names, key=order.index)]
 
 
-def _embedder(cfg: RunConfig, bench: Benchmark):  # -> Callable[[list[str]], np.ndarray] | None
-    """The run's text embedder for benchmarks without precomputed embeddings (RefCOCO), loaded on first use."""
-    if bench.name == "synthetic":
-        return None  # emb.npy or nothing: the head was trained on exactly those embeddings
-    state: dict[str, Any] = {}
+@dataclass
+class Evaluation:
+    """What running evaluators on backbones gives: results, notes, figure files."""
 
-    def embed(sentences: list[str]) -> np.ndarray:
-        if "model" not in state:
-            from versavit.labeling.embed import TextEmbedder
+    results: list[EvalResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+    backbones: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-            try:
-                state["model"] = TextEmbedder(cfg.labeling.teachers.embedder, device=cfg.labeling.device)
-            except Exception as exc:  # no weights on this machine: a skipped benchmark, not a failed stage
-                raise RefSegSkipped(f"embedder {cfg.labeling.teachers.embedder} cannot be loaded ({exc})") from exc
-        return state["model"].encode(sentences)
 
-    return embed
+def evaluate(candidates: list[Candidate], benches: list[Benchmark], evals: list[Evaluator],
+             figures_dir: Path) -> Evaluation:
+    """Each backbone (loaded once, then released) through each evaluator on each benchmark it applies to; then
+    each evaluator's figures per benchmark, with every backbone in them."""
+    out = Evaluation()
+    for cand in candidates:
+        backbone = cand.load_backbone()
+        out.backbones[cand.name] = {"source": cand.source, "digest": cand.digest, "heads": list(cand.heads),
+                                    "embed_dim": backbone.embed_dim, "depth": backbone.depth, "kind": backbone.kind}
+        del backbone
+        for ev in evals:
+            for bench in benches:
+                if not ev.applies_to(bench) or not set(ev.needs_heads) <= set(cand.heads):
+                    continue  # a backbone without the heads an evaluator reads: said once, in the note below
+                started = time.perf_counter()
+                try:
+                    result = ev.run(cand, bench)
+                except evaluators.Skipped as exc:
+                    out.notes.append(f"{ev.name} of {cand.name} on {bench.name} skipped: {exc}")
+                    log.warning(out.notes[-1])
+                    continue
+                result.elapsed_s = round(time.perf_counter() - started, 1)
+                out.results.append(result)
+        if not cand.heads:
+            out.notes.append(f"{cand.name} has no task heads (not a multi-task export): the evaluators that need "
+                             "them (zero-shot depth, DA-2K, referring segmentation) skip it")
+        cand.release()
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    for ev in evals:
+        for bench in benches:
+            shown = [r for r in out.results if r.evaluator == ev.name and r.benchmark == bench.name]
+            if shown:
+                out.figures += ev.figures(shown, figures_dir)
+    for ev in evals:
+        if note := ev.protocol_note():
+            out.notes.append(note)
+    return out
+
+
+def results_to_json(evaluation: Evaluation) -> dict[str, Any]:
+    """The typed results as JSON (no in-memory artifacts): what a fan-out step hands to the report step."""
+    return {"results": [{"evaluator": r.evaluator, "benchmark": r.benchmark, "backbone": r.backbone,
+                         "metrics": [{"name": m.name, "value": m.value, **asdict(m.spec)} for m in r.metrics],
+                         "curves": r.curves, "notes": r.notes, "elapsed_s": r.elapsed_s} for r in evaluation.results],
+            "notes": evaluation.notes, "figures": [f.name for f in evaluation.figures],
+            "backbones": evaluation.backbones}
+
+
+def results_from_json(data: Mapping[str, Any]) -> Evaluation:
+    out = Evaluation(notes=list(data.get("notes", [])), backbones=dict(data.get("backbones", {})))
+    for r in data.get("results", []):
+        res = EvalResult(r["evaluator"], r["benchmark"], r["backbone"], curves=r.get("curves", {}),
+                         notes=r.get("notes", []), elapsed_s=r.get("elapsed_s", 0.0))
+        for m in r["metrics"]:
+            res.add(m["name"], m["value"], MetricSpec(m["label"], m["higher_is_better"], m["scale"], m["fmt"]))
+        out.results.append(res)
+    return out
+
+
+def _candidates(backbones: Mapping[str, str | VisionBackbone | Candidate], cfg: RunConfig) -> list[Candidate]:
+    cache = eval_cache_dir(cfg)
+    candidates = [resolve_candidate(name, spec, cache) for name, spec in backbones.items()]
+    for cand, name in zip(candidates, backbones, strict=True):
+        cand.name = name
+    return candidates
 
 
 def compare_backbones(backbones: Mapping[str, str | VisionBackbone | Candidate], cfg: RunConfig, *,
                       reference: str | None = None, benchmarks: list[str] | None = None,
                       out_dir: str | Path | None = None, stage: str = "eval",
-                      title: str | None = None) -> dict[str, Any]:
-    """Evaluate N named backbones on equal terms (same data, seed and probe schedule) and write one report.
+                      title: str | None = None, evaluator_names: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate N named backbones on equal terms (same data, seed and schedules) and write one report.
 
-    backbones: name -> URL / hub id / in-memory VisionBackbone / Candidate, in table order; the reference
-    (default: the first) is what deltas are taken against. Returns metrics, table, paths of written files.
-    """
+    backbones: name -> URL / hub id / in-memory VersaViT / Candidate, in table order; the reference (default: the
+    first) is what deltas are taken against; evaluator_names: default `eval.evaluators`. Returns metrics, table,
+    paths of written files."""
     if not backbones:
         raise ValueError("compare_backbones needs at least one backbone")
     cfg = weights.resolve(cfg)  # the text embedder from its staged copy (weights.url)
     storage.configure(cfg.storage)
-    cache = eval_cache_dir(cfg)
-    candidates = [resolve_candidate(name, spec, cache) for name, spec in backbones.items()]
-    for cand, name in zip(candidates, backbones, strict=True):
-        cand.name = name
+    candidates = _candidates(backbones, cfg)
     reference = reference or candidates[0].name
     if reference not in backbones:
         raise ValueError(f"reference {reference!r} is not one of {list(backbones)}")
-    specs = benchmarks or list(cfg.eval.benchmarks)
-    benches = [b for spec in specs for b in open_benchmarks(spec, cfg.workdir)]  # RefCOCO: one per split
-    settings = ProbeSettings.from_config(cfg.eval)
     out = Path(out_dir) if out_dir else reports_dir(cfg, stage)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "figures").mkdir(exist_ok=True)
-
-    tags = {"versavit.eval.backbones": ",".join(backbones), "versavit.eval.reference": reference,
-            "versavit.eval.benchmarks": ",".join(specs),
-            **{f"versavit.eval.source.{c.name}": c.source for c in candidates}}
+    evals = make_evaluators(cfg, evaluator_names, out)
+    benches = open_benches(cfg, benchmarks)
     started = time.perf_counter()
-    with stage_run(cfg, stage, tags=tags) as (tracker, run):
+    with stage_run(cfg, stage, tags=_tags(candidates, reference, benchmarks or list(cfg.eval.benchmarks),
+                                          evals)) as (tracker, run):
         tracker.log_config(run, config_to_dict(cfg))
-        for bench in benches:
-            for reader in (bench.eval, bench.train):
-                if reader is not None:
-                    tracker.log_dataset(run, f"{bench.name}-{reader.split}", str(reader.root), reader.digest(),
-                                        context=f"eval-{reader.split}", num_samples=len(reader))
-        metrics: dict[str, dict[str, dict[str, float]]] = {}
-        extras: dict[str, dict[str, Any]] = {}
-        notes: list[str] = []
-        info: dict[str, dict[str, Any]] = {}
-        for cand in candidates:
-            backbone = cand.load_backbone()
-            digest = backbone_digest(backbone)
-            info[cand.name] = {"source": cand.source, "digest": digest, "heads": list(cand.heads),
-                               "embed_dim": backbone.embed_dim, "depth": backbone.depth, "kind": backbone.kind}
-            m = metrics.setdefault(cand.name, {})
-            for bench in benches:
-                _probe_backbone(cand, backbone, digest, bench, cfg, settings, cache, m, extras)
-            del backbone
-            for bench in benches:
-                _heads_eval(cand, bench, cfg, m, extras, notes)
-            if not cand.heads:
-                notes.append(f"{cand.name} has no task heads (not a multi-task export): linear probes only")
-        table = report.comparison_table(metrics, reference, [b.name for b in benches])
-        _log_metrics(tracker, run, metrics, table, extras)
-        notes += _protocol_notes(cfg, settings)
-        results = {"reference": reference, "backbones": info, "metrics": metrics,
-                   "benchmarks": {b.name: {"eval": b.eval.describe(),
-                                           "train": b.train.describe() if b.train else None} for b in benches},
-                   "probe_settings": settings.__dict__, "per_class_iou": {b: e.get("per_class_iou", {})
-                                                                         for b, e in extras.items()},
-                   "notes": notes, "elapsed_s": round(time.perf_counter() - started, 1)}
-        sources = {c.name: c.source for c in candidates}
-        title = title or f"VersaViT evaluation: {' vs '.join(backbones)} ({cfg.name})"
-        files = report.write_tables(out, table, results, sources, title, notes)
-        files += _figures(out / "figures", benches, extras, cfg, candidates)
-        for f in files:
-            tracker.log_artifact(run, str(f), "eval" if f.parent == out else "eval/figures")
-        tracker.log_metrics(run, {"eval/elapsed_s": time.perf_counter() - started}, step=0)
-    return {**results, "table": table, "files": [str(f) for f in files], "out_dir": str(out),
+        _log_datasets(tracker, run, benches)
+        evaluation = evaluate(candidates, benches, evals, out / "figures")
+        return _report(cfg, tracker, run, evaluation, candidates, reference, [b.name for b in benches], evals, out,
+                       title, started, benches)
+
+
+def _tags(candidates: list[Candidate], reference: str, specs: list[str], evals: list[Evaluator]) -> dict[str, str]:
+    return {"versavit.eval.backbones": ",".join(c.name for c in candidates), "versavit.eval.reference": reference,
+            "versavit.eval.benchmarks": ",".join(specs), "versavit.eval.evaluators": ",".join(e.name for e in evals),
+            **{f"versavit.eval.source.{c.name}": c.source for c in candidates}}
+
+
+def _log_datasets(tracker: Any, run: Any, benches: list[Benchmark]) -> None:
+    for bench in benches:
+        for reader in (bench.eval, bench.train):
+            if reader is not None:
+                tracker.log_dataset(run, f"{bench.name}-{reader.split}", str(reader.root), reader.digest(),
+                                    context=f"eval-{reader.split}", num_samples=len(reader))
+
+
+def _report(cfg: RunConfig, tracker: Any, run: Any, evaluation: Evaluation, candidates: list[Candidate],
+            reference: str, bench_names: list[str], evals: list[Evaluator], out: Path, title: str | None,
+            started: float, benches: list[Benchmark] | None = None) -> dict[str, Any]:
+    """Tables, notes, figures and metrics of one comparison, written to `out` and logged to `run`."""
+    names = [c.name for c in candidates]
+    table = report.comparison_table(evaluation.results, reference, names, evals, bench_names)
+    _log_metrics(tracker, run, evaluation.results, table)
+    metrics: dict[str, dict[str, dict[str, float]]] = {n: {} for n in names}
+    for r in evaluation.results:
+        metrics[r.backbone].setdefault(r.benchmark, {}).update({f"{r.evaluator}/{k}": v
+                                                                for k, v in r.as_dict().items()})
+    results = {"reference": reference, "backbones": evaluation.backbones, "metrics": metrics,
+               "evaluators": {e.name: {"title": e.title, "kind": e.kind, "settings": e.settings()} for e in evals},
+               "benchmarks": {b.name: {"eval": b.eval.describe(), "train": b.train.describe() if b.train else None}
+                              for b in benches or []},
+               "per_class_iou": {r.benchmark: {} for r in evaluation.results},
+               "notes": evaluation.notes, "elapsed_s": round(time.perf_counter() - started, 1)}
+    for r in evaluation.results:
+        if "per_class_iou" in r.artifacts:
+            results["per_class_iou"][r.benchmark][r.backbone] = r.artifacts["per_class_iou"]
+    sources = {c.name: c.source for c in candidates}
+    title = title or f"VersaViT evaluation: {' vs '.join(names)} ({cfg.name})"
+    files = report.write_tables(out, table, results, sources, title, evaluation.notes)
+    figures = list(evaluation.figures)
+    training = _training_curves(out / "figures", cfg, candidates)
+    if training:
+        figures.append(training)
+    for f in [*files, *figures]:
+        tracker.log_artifact(run, str(f), "eval" if f.parent == out else "eval/figures")
+    tracker.log_metrics(run, {"eval/elapsed_s": time.perf_counter() - started}, step=0)
+    return {**results, "table": table, "files": [str(f) for f in [*files, *figures]], "out_dir": str(out),
             "report_dir": str(out), "mlflow_run_id": run.run_id}
 
 
-def _log_metrics(tracker: Any, run: Any, metrics: dict, table: dict, extras: dict) -> None:
+def _log_metrics(tracker: Any, run: Any, results: list[EvalResult], table: dict) -> None:
     # in the report's units (report.UNITS: % and metres), as every figure a person reads
-    flat = {f"{name}/{bench}/{metric}": report.display_value(metric, value) for name, per in metrics.items()
-            for bench, ms in per.items() for metric, value in ms.items() if report._finite(value)}
+    flat = {f"{r.backbone}/{r.evaluator}/{r.benchmark}/{m.name}": m.display for r in results for m in r.metrics
+            if m.finite}
     for section in table["sections"]:
+        columns = {c["key"]: c for c in section["columns"]}
         for name, deltas in section["deltas"].items():
-            flat.update({f"delta/{name}/{key}": report.display_value(key.split("/", 1)[1], v)
+            flat.update({f"delta/{name}/{key}": report.display_value(columns[key], v)
                          for key, v in deltas.items() if report._finite(v)})
-    for bench, ex in extras.items():
-        for name, ious in ex.get("per_class_iou", {}).items():
-            flat.update({f"{name}/{bench}/probe/seg_iou/{i:03d}": 100 * v for i, v in enumerate(ious) if v is not None})
+    for r in results:
+        for i, v in enumerate(r.artifacts.get("per_class_iou") or []):
+            if v is not None:
+                flat[f"{r.backbone}/{r.evaluator}/{r.benchmark}/seg_iou/{i:03d}"] = 100 * v
     tracker.log_metrics(run, flat, step=0)
-    for bench, ex in extras.items():
-        for task in ("seg", "depth"):
-            for name, losses in ex.get(f"probe_{task}_loss", {}).items():
-                for step, value in enumerate(losses, 1):
-                    tracker.log_metrics(run, {f"{name}/{bench}/probe/{task}_loss": value}, step=step)
+    for r in results:
+        for curve, values in r.curves.items():
+            for step, value in enumerate(values, 1):
+                tracker.log_metrics(run, {f"{r.backbone}/{r.evaluator}/{r.benchmark}/{curve}": value}, step=step)
 
 
-def _protocol_notes(cfg: RunConfig, s: ProbeSettings) -> list[str]:
-    p = cfg.eval.probe
-    head = s.depth_head if s.depth_head == "linear" else f"binned ({s.depth_bins} bins, {s.depth_bins_space})"
-    return [
-        f"Linear probes: frozen final-layer patch features, BatchNorm + 1x1 conv, {s.epochs} epochs, AdamW lr {s.lr} "
-        f"(cosine), batch {s.batch_size}, seed {s.seed}; segmentation at {p.seg_resolution} px, depth at "
-        f"{p.depth_resolution} px ({head} head); images and labels resized to R x R, metrics at R x R.",
-        f"Zero-shot depth / referring segmentation at the multi-task resolutions "
-        f"({cfg.train.resolution.depth} / {cfg.train.resolution.refseg} px), scored at label size.",
-    ]
-
-
-def _figures(out: Path, benches: list[Benchmark], extras: dict, cfg: RunConfig,
-             candidates: list[Candidate]) -> list[Path]:
-    """Depth, segmentation and referring-segmentation examples; probe and training loss curves."""
-    files: list[Path] = []
-    for bench in benches:
-        ex = extras.get(bench.name, {})
-        val = ex.get("probe_depth_val")
-        preds = {f"{n} probe": p for n, p in ex.get("probe_depth_pred", {}).items()}
-        if val is not None and val.images is not None and len(val.images):
-            k = len(val.images)
-            zs = {f"{n} zero-shot": _resized(e["pred"], val.resolution) for n, e in ex.get("zeroshot", {}).items()}
-            files.append(report.depth_figure(out / f"depth_{bench.name}.png", list(val.images),
-                                             list(val.targets["depth"][:k]), list(val.targets["valid"][:k]),
-                                             {**preds, **zs}, f"{bench.name}: depth (input, truth, predictions)"))
-        elif ex.get("zeroshot"):
-            first = next(iter(ex["zeroshot"].values()))
-            files.append(report.depth_figure(out / f"depth_{bench.name}.png", first["image"], first["gt"],
-                                             first["valid"], {f"{n} zero-shot": e["pred"]
-                                                              for n, e in ex["zeroshot"].items()},
-                                             f"{bench.name}: zero-shot depth"))
-        val = ex.get("probe_seg_val")
-        if val is not None and val.images is not None and len(val.images):
-            k = len(val.images)
-            preds = {f"{n} probe": p for n, p in ex.get("probe_seg_pred", {}).items()}
-            files.append(report.seg_figure(out / f"seg_{bench.name}.png", list(val.images),
-                                           list(val.targets["seg"][:k]), preds, bench.eval.num_classes,
-                                           f"{bench.name}: semantic segmentation (linear probe)"))
-        if ex.get("refseg"):
-            files.append(report.refseg_figure(out / f"refseg_{bench.name}.png", ex["refseg"],
-                                              f"{bench.name}: referring segmentation"))
-        curves = {f"{task} probe loss": ex[f"probe_{task}_loss"] for task in ("seg", "depth")
-                  if ex.get(f"probe_{task}_loss")}
-        if curves:
-            files.append(report.curves_figure(out / f"probe_loss_{bench.name}.png", curves,
-                                              f"{bench.name}: linear-probe training loss (same seed and schedule)"))
+def _training_curves(out: Path, cfg: RunConfig, candidates: list[Candidate]) -> Path | None:
+    """The training stages' loss curves (warm-up, and each export's own run) in one figure."""
     # an export of this workdir (multitask, multitask-<variant> of the ablation) names its own run's log
     logs = {"warm-up": metrics_log(cfg, "warmup")}
     for cand in candidates:
@@ -358,25 +257,14 @@ def _figures(out: Path, benches: list[Benchmark], extras: dict, cfg: RunConfig,
             logs[cand.name] = log_path
     if len(logs) == 1:
         logs["multi-task"] = metrics_log(cfg, "multitask")
-    training = report.training_curves(logs, out / "training_losses.png")
-    if training:
-        files.append(training)
-    return files
+    out.mkdir(parents=True, exist_ok=True)
+    return report.training_curves(logs, out / "training_losses.png")
 
 
-def _resized(maps: list[np.ndarray], size: int) -> list[np.ndarray]:
-    """Label-size predictions -> R x R (nearest), to sit beside the probe's panels."""
-    out = []
-    for m in maps:
-        t = torch.from_numpy(np.asarray(m, np.float32))[None, None]
-        out.append(torch.nn.functional.interpolate(t, size=(size, size), mode="nearest-exact")[0, 0].numpy())
-    return out
-
-
-def run_eval(cfg: RunConfig, trained: str | None = None, baseline: str | VisionBackbone | None = None,
-             extra: Mapping[str, str] | None = None, out_dir: str | Path | None = None,
-             exports: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The evaluation stage: the baseline (the reference) vs the trained backbone, on eval.benchmarks.
+def comparison_backbones(cfg: RunConfig, trained: str | None = None, baseline: str | VisionBackbone | None = None,
+                         extra: Mapping[str, str] | None = None,
+                         exports: Mapping[str, str] | None = None) -> dict[str, str | VisionBackbone | Candidate]:
+    """The evaluation stage's backbones: the baseline (the reference) first, then the trained one(s).
 
     exports: variant -> export URL, as training stages return them (variant "" = the plain multi-task stage,
     shown as "trained"; the ablation's "caption", "caption-depth", "all" keep their names); replaces `trained`.
@@ -393,4 +281,76 @@ def run_eval(cfg: RunConfig, trained: str | None = None, baseline: str | VisionB
     else:
         backbones["trained"] = trained_candidate(cfg, trained)
     backbones.update(extra or {})
-    return compare_backbones(backbones, cfg, reference="baseline", out_dir=out_dir)
+    return backbones
+
+
+def run_eval(cfg: RunConfig, trained: str | None = None, baseline: str | VisionBackbone | None = None,
+             extra: Mapping[str, str] | None = None, out_dir: str | Path | None = None,
+             exports: Mapping[str, str] | None = None, evaluator_names: list[str] | None = None) -> dict[str, Any]:
+    """The evaluation stage: the baseline (the reference) vs the trained backbone(s), with every configured
+    evaluator on eval.benchmarks (see `comparison_backbones` for the arguments)."""
+    backbones = comparison_backbones(cfg, trained, baseline, extra, exports)
+    return compare_backbones(backbones, cfg, reference="baseline", out_dir=out_dir, evaluator_names=evaluator_names)
+
+
+# ------------------------------------------------------------------------------------------------
+# the pipeline's fan-out: one step per evaluator, then one report step
+
+
+def results_url(cfg: RunConfig, evaluator: str) -> str:
+    """Where an evaluator step leaves its results for the report step (shared storage: steps are pods)."""
+    return storage.join(cfg.workdir, "stages", "eval", "results", f"{evaluator}.json")
+
+
+def evaluate_one(cfg: RunConfig, exports: Mapping[str, str], evaluator: str) -> str:
+    """One evaluator on every backbone (baseline + exports) and benchmark, as its own MLflow stage run
+    `eval-<evaluator>` (figures and metrics there); its typed results to `results_url`. Returns that URL."""
+    cfg = weights.resolve(cfg)
+    storage.configure(cfg.storage)
+    candidates = _candidates(comparison_backbones(cfg, exports=exports), cfg)
+    out = reports_dir(cfg, f"eval-{evaluator}")
+    evals = make_evaluators(cfg, [evaluator], out)
+    benches = open_benches(cfg)
+    with stage_run(cfg, f"eval-{evaluator}", tags=_tags(candidates, "baseline", list(cfg.eval.benchmarks),
+                                                         evals)) as (tracker, run):
+        _log_datasets(tracker, run, benches)
+        evaluation = evaluate(candidates, benches, evals, out / "figures")
+        _log_metrics(tracker, run, evaluation.results, report.comparison_table(
+            evaluation.results, "baseline", [c.name for c in candidates], evals, [b.name for b in benches]))
+        for f in evaluation.figures:
+            tracker.log_artifact(run, str(f), "eval/figures")
+            storage.write_bytes(storage.join(cfg.workdir, "stages", "eval", "figures", f.name), f.read_bytes())
+    url = results_url(cfg, evaluator)
+    storage.write_text(url, json.dumps({**results_to_json(evaluation), "benchmarks": [b.name for b in benches]},
+                                       default=report._json_default))
+    return url
+
+
+def report_from_results(cfg: RunConfig, exports: Mapping[str, str], urls: list[str]) -> dict[str, Any]:
+    """The comparison report of the fan-out: every evaluator step's results (and figures) in one table, logged
+    as the `eval` stage run, exactly as `run_eval` would write it in one process."""
+    cfg = weights.resolve(cfg)
+    storage.configure(cfg.storage)
+    backbones = comparison_backbones(cfg, exports=exports)
+    candidates = _candidates(backbones, cfg)
+    out = reports_dir(cfg, "eval")
+    merged = Evaluation()
+    bench_names: list[str] = []
+    for url in urls:
+        data = json.loads(storage.read_text(url))
+        part = results_from_json(data)
+        merged.results += part.results
+        merged.notes += [n for n in part.notes if n not in merged.notes]
+        merged.backbones.update(part.backbones)
+        bench_names += [b for b in data.get("benchmarks", []) if b not in bench_names]
+        for name in data.get("figures", []):
+            target = out / "figures" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(storage.read_bytes(storage.join(cfg.workdir, "stages", "eval", "figures", name)))
+            merged.figures.append(target)
+    evals = make_evaluators(cfg, sorted({r.evaluator for r in merged.results}) or None, out)
+    started = time.perf_counter()
+    with stage_run(cfg, "eval", tags=_tags(candidates, "baseline", list(cfg.eval.benchmarks), evals)) as (tracker,
+                                                                                                          run):
+        tracker.log_config(run, config_to_dict(cfg))
+        return _report(cfg, tracker, run, merged, candidates, "baseline", bench_names, evals, out, None, started)
