@@ -117,12 +117,24 @@ def train(config_json: str, stage: str, variant: str, upstream: str, parent_run_
 
 
 @_labeler_component
-def evaluate(config_json: str, parent_run_id: str, kfp_run_id: str, manifest_1: str, manifest_2: str = "",
-             manifest_3: str = "") -> str:
-    """Probes, zero-shot depth, referring segmentation: the baseline vs. each trained stage (up to three
-    stage.json URLs, e.g. the ablation's branches). Returns the report URL."""
+def evaluator(config_json: str, name: str, parent_run_id: str, kfp_run_id: str, manifest_1: str,
+              manifest_2: str = "", manifest_3: str = "") -> str:
+    """One evaluator (eval.evaluators) on the baseline and each trained stage (up to three stage.json URLs);
+    a training-type one launches its own job. Returns its results URL."""
     from versavit.config import load_config_text
-    from versavit.stages import stage_eval_manifests
+    from versavit.stages import stage_evaluator
 
     manifests = [m for m in (manifest_1, manifest_2, manifest_3) if m]
-    return stage_eval_manifests(load_config_text(config_json), manifests, parent_run_id, kfp_run_id)
+    return stage_evaluator(load_config_text(config_json), manifests, name, parent_run_id, kfp_run_id)
+
+
+@_labeler_component
+def evaluate(config_json: str, parent_run_id: str, kfp_run_id: str, manifest_1: str, manifest_2: str = "",
+             manifest_3: str = "") -> str:
+    """The comparison report of every evaluator step's results: tables with the paper's numbers, figures, the
+    headline metrics on the parent run. Returns the report URL."""
+    from versavit.config import load_config_text
+    from versavit.stages import stage_eval_report
+
+    manifests = [m for m in (manifest_1, manifest_2, manifest_3) if m]
+    return stage_eval_report(load_config_text(config_json), manifests, parent_run_id, kfp_run_id)

@@ -36,7 +36,7 @@ def _with_overrides(text: str, overrides: list[str]) -> str:
     return config_json(load_config_text(text, overrides))
 
 
-STEPS = ("driver", "prepare", "label", "eval", "train")  # the kinds of step `_cluster_settings` sizes
+STEPS = ("driver", "prepare", "label", "eval", "report", "train")  # the kinds of step `_cluster_settings` sizes
 
 
 def _step_settings(cfg: RunConfig, step: str) -> tuple[str, dict[str, str | None], int]:
@@ -46,7 +46,9 @@ def _step_settings(cfg: RunConfig, step: str) -> tuple[str, dict[str, str | None
       watches the PyTorchJob/TrainJob): launch.driver_image, launch.step_resources.driver, no GPU;
     - prepare: each prepare worker (CPU): launch.driver_image, launch.step_resources.prepare;
     - label: each label worker: launch.labeler_image, launch.step_resources.gpu, labeling.gpus_per_worker GPUs;
-    - eval: launch.labeler_image, launch.step_resources.gpu, eval.gpus GPUs;
+    - eval: launch.labeler_image, launch.step_resources.gpu, eval.gpus GPUs (each inference evaluator);
+    - report: the evaluation report (tables, figures, MLflow): launch.labeler_image (the evaluation's packages),
+      launch.step_resources.driver, no GPU;
     - train: a cluster backend makes it a driver step; launch.backend local trains in the step's own pod:
       launch.image, launch.resources, launch.resources.gpus_per_node GPUs.
     """
@@ -62,6 +64,8 @@ def _step_settings(cfg: RunConfig, step: str) -> tuple[str, dict[str, str | None
         return launch.labeler_image, steps.gpu.model_dump(), cfg.labeling.gpus_per_worker
     if step == "eval":
         return launch.labeler_image, steps.gpu.model_dump(), cfg.eval.gpus
+    if step == "report":
+        return launch.labeler_image, steps.driver.model_dump(), 0
     raise ValueError(f"unknown step kind {step!r}; expected one of {STEPS}")
 
 
@@ -121,10 +125,24 @@ def make_pipeline(cfg: RunConfig) -> Callable:
         with _tracked(c, cfg, config_json, run_id) as parent:
             upstream = _data_and_labels(c, cfg, config_json, parent, run_id, check=True)
             last = _train_chain(c, cfg, config_json, "", upstream, parent, run_id)
-            ev = c.evaluate(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id, manifest_1=last)
-            _cluster_settings(ev, cfg, "eval")
+            _evaluation(c, cfg, config_json, parent, run_id, [last])
 
     return versavit
+
+
+def _evaluation(c, cfg: RunConfig, config_json, parent, run_id, manifests: list):  # noqa: ANN001, ANN202
+    """Evaluation fans out: one step per evaluator of `eval.evaluators` (each on the baseline and every trained
+    stage; a training-type evaluator's step launches its own job, as a train step does), then one report step."""
+    from versavit.config.schema import TRAINING_EVALUATORS
+
+    named = {f"manifest_{i}": m for i, m in enumerate(manifests, 1)}
+    steps = []
+    for name in cfg.eval.evaluators:
+        task = c.evaluator(config_json=config_json, name=name, parent_run_id=parent, kfp_run_id=run_id, **named)
+        task.set_display_name(f"evaluate-{name}")
+        steps.append(_cluster_settings(task, cfg, "train" if name in TRAINING_EVALUATORS else "eval"))
+    report = c.evaluate(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id, **named).after(*steps)
+    return _cluster_settings(report.set_display_name("report"), cfg, "report")
 
 
 def _weights_and_datasets(c, cfg: RunConfig, config_json, parent, run_id) -> list:  # noqa: ANN001
@@ -232,9 +250,7 @@ def make_ablation_pipeline(cfg: RunConfig) -> Callable:
                             parent_run_id=parent, kfp_run_id=run_id).set_retry(RETRIES)
                 t.set_display_name(f"multitask-{name}")
                 outs.append(_cluster_settings(t, cfg, "train").output)
-            ev = c.evaluate(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id,
-                            manifest_1=outs[0], manifest_2=outs[1], manifest_3=outs[2])
-            _cluster_settings(ev, cfg, "eval")
+            _evaluation(c, cfg, config_json, parent, run_id, outs)
 
     return ablation
 
@@ -272,9 +288,7 @@ def make_recipes_pipeline(cfg: RunConfig) -> Callable:
             upstream = _data_and_labels(c, cfg, config_json, parent, run_id)
             last = [_train_chain(c, branch, branch_json, variant, upstream, parent, run_id)
                     for variant, (branch, branch_json) in branches.items()]
-            ev = c.evaluate(config_json=config_json, parent_run_id=parent, kfp_run_id=run_id,
-                            manifest_1=last[0], manifest_2=last[1], manifest_3=last[2])
-            _cluster_settings(ev, cfg, "eval")
+            _evaluation(c, cfg, config_json, parent, run_id, last)
 
     return recipes
 

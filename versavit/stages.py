@@ -300,15 +300,57 @@ def _publish_evaluation(cfg: RunConfig, result: dict[str, Any], exports: dict[st
     publish_evaluation(cfg, headline_metrics(table), result.get("mlflow_run_id"), trained)
 
 
-def stage_eval_manifests(cfg: RunConfig, manifests: list[str], parent_run_id: str | None = None,
-                         kfp_run_id: str | None = None) -> str:
-    """`stage_eval` on the exports named by stage.json URLs (what training stages return)."""
+def _exports_of(cfg: RunConfig, manifests: list[str]) -> dict[str, str]:
+    """variant -> export URL of the training stages whose stage.json URLs are given."""
     storage.configure(cfg.storage)
     exports = {}
     for url in manifests:
         stage = json.loads(storage.read_text(url))
         exports[stage["variant"]] = stage["export_url"]
-    return stage_eval(cfg, exports, parent_run_id, kfp_run_id)
+    return exports
+
+
+def stage_eval_manifests(cfg: RunConfig, manifests: list[str], parent_run_id: str | None = None,
+                         kfp_run_id: str | None = None) -> str:
+    """`stage_eval` (every evaluator in this process) on the exports named by stage.json URLs."""
+    return stage_eval(cfg, _exports_of(cfg, manifests), parent_run_id, kfp_run_id)
+
+
+def stage_evaluator(cfg: RunConfig, manifests: list[str], evaluator: str, parent_run_id: str | None = None,
+                    kfp_run_id: str | None = None) -> str:
+    """One evaluator of the pipeline's fan-out on the baseline and the exports named by stage.json URLs; returns
+    its results URL. An inference evaluator runs here; a training one (fine-tunes) runs as a job of its own through
+    the launcher of `launch.backend` (torchrun here, a PyTorchJob / TrainJob on a cluster; one process on
+    `eval.gpus` GPUs: versavit.eval.jobs)."""
+    from versavit.config.schema import TRAINING_EVALUATORS
+    from versavit.eval.jobs import job_config, prepare_job, results_url
+
+    set_run_context(parent_run_id, kfp_run_id)
+    exports = _exports_of(cfg, manifests)
+    if evaluator not in TRAINING_EVALUATORS:
+        from versavit.eval.run import evaluate_one
+
+        return evaluate_one(cfg, exports, evaluator)
+    from versavit.launch import get_launcher
+
+    job_cfg = job_config(cfg)
+    get_launcher(job_cfg).launch(job_cfg, prepare_job(job_cfg, exports, evaluator))
+    return results_url(cfg, evaluator)
+
+
+def stage_eval_report(cfg: RunConfig, manifests: list[str], parent_run_id: str | None = None,
+                      kfp_run_id: str | None = None) -> str:
+    """The report step of the fan-out: every evaluator's results (eval.evaluators) in one comparison, tracked as
+    the `eval` stage run; the headline figures onto the parent run and the model versions. Returns the report
+    folder."""
+    from versavit.eval.jobs import results_url
+    from versavit.eval.run import report_from_results
+
+    set_run_context(parent_run_id, kfp_run_id)
+    exports = _exports_of(cfg, manifests)
+    result = report_from_results(cfg, exports, [results_url(cfg, name) for name in cfg.eval.evaluators])
+    _publish_evaluation(cfg, result, exports)
+    return str(result.get("report_dir", ""))
 
 
 def stage_weights(cfg: RunConfig, parent_run_id: str | None = None, kfp_run_id: str | None = None) -> str:

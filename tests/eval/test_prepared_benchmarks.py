@@ -92,6 +92,7 @@ def test_eval_on_prepared_benchmarks(eval_run: Path, tmp_path: Path, monkeypatch
     from versavit.eval import compare_backbones
 
     monkeypatch.setattr(run_module, "_figures", lambda *args, **kwargs: [])  # matplotlib: 80% of the time here
+    monkeypatch.setattr(run_module, "_training_curves", lambda *args, **kwargs: None)
 
     SOURCES["nyuv2"].write_fixture(tmp_path / "raw-nyu", 0)
     prepare_all("nyuv2", str(tmp_path / "raw-nyu"), str(tmp_path / "nyuv2"))

@@ -25,6 +25,11 @@ def compiled(tmp_path: Path, pipeline: str, config: str = "configs/paper.yaml", 
     return yaml.safe_load_all(text).__next__() | {"_text": text}
 
 
+def _inner(spec: dict) -> str:
+    tasks = spec["root"]["dag"]["tasks"]
+    return next(t for t in tasks.values() if "exit-handler" in t["componentRef"]["name"])["componentRef"]["name"]
+
+
 def _deps(spec: dict) -> dict[str, set[str]]:
     tasks = spec["root"]["dag"]["tasks"]
     inner = next(t for t in tasks.values() if "exit-handler" in t["componentRef"]["name"])
@@ -38,14 +43,27 @@ def credentials_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
 
 
+EVALUATORS = {f"evaluator{'' if i == 1 else f'-{i}'}" for i in range(1, 6)}  # tiny.yaml's five
+
+
+def _step_names(spec: dict) -> dict[str, str]:
+    inner = next(t for t in spec["root"]["dag"]["tasks"].values() if "exit-handler" in t["componentRef"]["name"])
+    body = spec["components"][inner["componentRef"]["name"]]["dag"]["tasks"]
+    return {body[n]["taskInfo"]["name"]: n for n in body}
+
+
 def test_full_pipeline_stages_in_order(tmp_path: Path) -> None:
     spec = compiled(tmp_path, "versavit", "configs/tiny.yaml")
     deps = _deps(spec)
-    assert set(deps) == {"open-run", "data", "data-check", "label", "train", "train-2", "evaluate"}
+    assert set(deps) == {"open-run", "data", "data-check", "label", "train", "train-2", "evaluate", *EVALUATORS}
     assert "open-run" in deps["data"] and "data" in deps["label"]
     assert "label" in deps["train"]  # warm-up after labelling
     assert "train" in deps["train-2"]  # multi-task after warm-up
-    assert "train-2" in deps["evaluate"]
+    # evaluation fans out, one step per evaluator after training, then the report after all of them
+    assert all("train-2" in deps[e] for e in EVALUATORS) and EVALUATORS <= deps["evaluate"]
+    steps = _step_names(spec)
+    assert {f"evaluate-{n}" for n in load_config(ROOT / "configs/tiny.yaml").eval.evaluators} | {"report"} <= set(
+        steps)
     # the exit handler closes the MLflow parent run whatever happens
     assert any("close-run" in t["componentRef"]["name"] for t in spec["root"]["dag"]["tasks"].values())
     # a CPU config (launch.resources.gpus_per_node 0): no step asks for a GPU
@@ -79,8 +97,10 @@ def test_paper_pipeline_stages_weights_prepares_and_labels_before_training(tmp_p
     body = spec["components"][inner["componentRef"]["name"]]["dag"]["tasks"]
     step = {body[n]["taskInfo"]["name"]: n for n in body}
     order = ["weights", "prepare", "label-depth", "label-masks", "label-describe", "label-embed", "warmup",
-             "multitask", "evaluate"]
-    assert set(step) == {"open-run", *order}
+             "multitask", "evaluate-linear-probe", "report"]
+    evaluators = {f"evaluate-{n}" for n in load_config(ROOT / "configs/paper.yaml").eval.evaluators}
+    assert len(evaluators) == 7 and set(step) == {"open-run", *order, *evaluators}
+    assert all(step["multitask"] in deps[step[e]] and step[e] in deps[step["report"]] for e in evaluators)
     for before, after in zip(order, order[1:], strict=False):
         assert step[before] in deps[step[after]], (before, after)
     # each prepare / label step fans out over labeling.workers (16) slices: a ParallelFor over 0..15
@@ -120,7 +140,7 @@ def test_ablation_branches_share_data_and_warmup(tmp_path: Path) -> None:
     deps = _deps(spec)
     branches = [n for n in deps if n.startswith("train-")]
     assert len(branches) == 3 and all(deps[b] == {"train", "open-run"} for b in branches)
-    assert set(branches) <= deps["evaluate"]
+    assert set(branches) <= deps["evaluate"] and all(set(branches) <= deps[e] for e in EVALUATORS)
     # each branch trains its own task subset (Table 4), written into its own stage folder
     inner = next(t for t in spec["root"]["dag"]["tasks"].values() if "exit-handler" in t["componentRef"]["name"])
     body = spec["components"][inner["componentRef"]["name"]]["dag"]["tasks"]
@@ -175,8 +195,8 @@ def test_recipes_pipeline_branches_run_their_stages_in_order(tmp_path: Path) -> 
         last.add(order[-1])
         assert all(not deps[t] & set(chains[o]) for o in chains if o != variant for t in tasks)  # branches apart
     # one evaluation, after the last stage of all three branches
-    assert [n for n in deps if n.startswith("evaluate")] == ["evaluate"]
-    assert len(last) == 3 and last <= deps["evaluate"]
+    assert [n for n in deps if n.startswith("evaluate")] == ["evaluate"]  # one report
+    assert len(last) == 3 and last <= deps["evaluate"] and all(last <= deps[e] for e in EVALUATORS)
     # the branches differ in their recipe only: synergy on in one, the SAILViT stages in another
     assert recipes["versavit"]["recipe"] is None and not recipes["versavit"]["multitask"]["synergy"]["enabled"]
     assert recipes["versavit-synergy"]["multitask"]["synergy"]["enabled"] is True
@@ -187,7 +207,7 @@ def test_full_pipeline_follows_an_explicit_recipe(tmp_path: Path) -> None:
     spec = compiled(tmp_path, "versavit", "configs/recipes/sailvit.yaml")
     deps = _deps(spec)
     assert set(deps) == {"open-run", "data", "data-check", "label", "train", "train-2", "train-3", "train-4",
-                         "evaluate"}
+                         "evaluate", *EVALUATORS}
     assert "label" in deps["train"] and "train" in deps["train-2"] and "train-3" in deps["train-4"]
     assert "train-4" in deps["evaluate"]
     with pytest.raises(ValueError, match="ablation"):
@@ -212,10 +232,16 @@ def _sizes(container: dict) -> tuple[str | None, str | None, str | None, str | N
 
 
 def test_paper_pipeline_steps_are_right_sized(tmp_path: Path) -> None:
-    """Driver steps (MLflow parent run, weights, train, which only creates and watches the PyTorchJob; prepare)
-    run in the small driver image with CPU/memory requests and no GPU or GPU-node selector; labelling and
-    evaluation run in the labeler image on 1 GPU each; nothing runs in the trainer image (that is the jobs')."""
-    containers, platform = _executors(compiled(tmp_path, "versavit"))
+    """Driver steps (MLflow parent run, weights, train and the fine-tuning evaluators, which only create and watch
+    their PyTorchJob; prepare) run in the small driver image with CPU/memory requests and no GPU or GPU-node
+    selector; labelling and the inference evaluators run in the labeler image on 1 GPU each, the report in it
+    without one; nothing runs in the trainer image (that is the jobs')."""
+    spec = compiled(tmp_path, "versavit")
+    containers, platform = _executors(spec)
+    steps = _step_names(spec)
+    executor = {name: spec["components"][
+        spec["components"][_inner(spec)]["dag"]["tasks"][task]["componentRef"]["name"]]["executorLabel"]
+        for name, task in steps.items() if name.startswith("evaluate-")}
     driver, labeler = "ghcr.io/versavit/driver:0.1.0", "ghcr.io/versavit/labeler:0.1.0"
     expected = {"exec-open-run": (driver, ("500m", "2", "2Gi", "2Gi", None)),
                 "exec-close-run": (driver, ("500m", "2", "2Gi", "2Gi", None)),
@@ -223,7 +249,11 @@ def test_paper_pipeline_steps_are_right_sized(tmp_path: Path) -> None:
                 "exec-train": (driver, ("500m", "2", "2Gi", "2Gi", None)),
                 "exec-train-2": (driver, ("500m", "2", "2Gi", "2Gi", None)),
                 "exec-prepare": (driver, ("4", None, "16Gi", "16Gi", None)),
-                "exec-evaluate": (labeler, ("8", None, "64Gi", "64Gi", "1"))}
+                "exec-evaluate": (labeler, ("500m", "2", "2Gi", "2Gi", None))}  # the report
+    expected |= {executor[f"evaluate-{n}"]: (driver, ("500m", "2", "2Gi", "2Gi", None))
+                 for n in ("finetune-depth", "refseg-finetune")}  # they launch their jobs
+    expected |= {executor[f"evaluate-{n}"]: (labeler, ("8", None, "64Gi", "64Gi", "1"))
+                 for n in ("linear-probe", "zero-shot-depth", "da2k", "refseg", "correspondence")}
     expected |= {name: (labeler, ("8", None, "64Gi", "64Gi", "1")) for name in containers
                  if name.startswith("exec-label-datasets")}
     assert set(containers) == set(expected)
@@ -246,8 +276,8 @@ def test_step_images_and_sizes_follow_the_config(tmp_path: Path) -> None:
     for name in ("exec-open-run", "exec-data", "exec-train", "exec-train-2"):
         assert containers[name]["image"] == "registry.local/driver:7", name
         assert _sizes(containers[name]) == ("500m", None, "3Gi", "3Gi", None), name
-    assert containers["exec-evaluate"]["image"] == containers["exec-label"]["image"] == "registry.local/labeler:7"
-    assert _sizes(containers["exec-evaluate"]) == ("12", None, "64Gi", "64Gi", "1")  # eval.gpus
+    assert containers["exec-evaluator"]["image"] == containers["exec-label"]["image"] == "registry.local/labeler:7"
+    assert _sizes(containers["exec-evaluator"]) == ("12", None, "64Gi", "64Gi", "1")  # eval.gpus
     with pytest.raises(ConfigError, match="eval.gpus"):  # one device: more would be requested and left idle
         load_config(ROOT / "configs/tiny.yaml", ["eval.gpus=4"])
     assert _sizes(containers["exec-label"]) == ("12", None, "64Gi", "64Gi", "2")  # labeling.gpus_per_worker

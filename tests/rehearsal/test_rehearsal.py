@@ -26,7 +26,8 @@ def test_the_paper_chain_runs_on_its_stand_ins(tmp_path: Path, monkeypatch: pyte
     from versavit.labeling.tiny import save_tiny_teachers
     from versavit.stages import (
         dataset_label_chains,
-        stage_eval_manifests,
+        stage_eval_report,
+        stage_evaluator,
         stage_label_datasets,
         stage_prepare,
         stage_train,
@@ -40,7 +41,7 @@ def test_the_paper_chain_runs_on_its_stand_ins(tmp_path: Path, monkeypatch: pyte
     used = {d.source for d in cfg.data.datasets.values()}
     paper = load_config(ROOT / "configs/paper.yaml")
     assert cfg.data.datasets.keys() == paper.data.datasets.keys()  # every dataset of the paper run takes part
-    assert used == {d.source for d in paper.data.datasets.values()} and len(used) == 14
+    assert used == {d.source for d in paper.data.datasets.values()} and len(used) == 20
     for name in used:
         (tmp_path / "runs/fixtures" / name).mkdir(parents=True)
         SOURCES[name].write_fixture(tmp_path / "runs/fixtures" / name, 0)
@@ -69,8 +70,25 @@ def test_the_paper_chain_runs_on_its_stand_ins(tmp_path: Path, monkeypatch: pyte
     warm = stage_train(cfg, "warmup")
     multi = stage_train(cfg, "multitask")
     assert json.loads(storage.read_text(warm))["steps"] == 2
-    report = stage_eval_manifests(cfg, [multi])
+    # the pipeline's evaluation: one step per evaluator (the fine-tunes launched as jobs of their own), a report
+    assert cfg.eval.evaluators == paper.eval.evaluators and len(cfg.eval.evaluators) == 7
+    for name in cfg.eval.evaluators:
+        assert stage_evaluator(cfg, [multi], name).endswith(f"results/{name}.json")
+    assert json.loads(storage.read_text("runs/rehearsal/stages/eval-finetune-depth/stage.json"))["results_url"]
+    report = stage_eval_report(cfg, [multi])
     md = (Path(report) / "comparison.md").read_text()
-    for label in ("ADE20k mIoU", "Cityscapes mIoU", "VOC mIoU", "NYUv2 RMSE", "KITTI RMSE", "RefCOCO val cIoU",
-                  "RefCOCO testA cIoU", "RefCOCO testB cIoU"):
-        assert label in md, label
+    sections = md.split("\n## ")
+    for title, labels in (("Linear probes", ("ADE20k mIoU", "ADE20k mIoU@56", "Cityscapes mIoU", "VOC mIoU",
+                                             "NYUv2 RMSE", "KITTI RMSE")),
+                          ("Zero-shot relative depth", ("NYUv2 AbsRel", "KITTI δ1")),
+                          ("DA-2K", ("DA-2K pair accuracy",)),
+                          ("Referring segmentation, multi-task head", ("RefCOCO val cIoU", "RefCOCO testA cIoU",
+                                                                        "RefCOCO testB cIoU")),
+                          ("Fine-tuned metric depth", ("NYUv2 AbsRel", "KITTI AbsRel")),
+                          ("Referring segmentation, fine-tuned", ("RefCOCO val cIoU", "RefCOCO testB cIoU")),
+                          ("3D correspondence", ("NAVI recall", "SPair-71k recall"))):
+        section = next((s for s in sections if s.startswith(title)), None)
+        assert section is not None, (title, md)
+        for label in labels:
+            assert label in section, (title, label)
+    assert "| *VersaViT (paper)* |" in md and "| *Qwen2-VL ViT (paper)* |" in md

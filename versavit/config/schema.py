@@ -23,13 +23,21 @@ RESIZE_FACTORS: tuple[int, ...] = tuple(sorted({2 * p for p in PATCH_SIZES.value
 # The evaluator's benchmarks (versavit.eval.datasets.BENCHMARKS, whose keys a test holds equal to this), named
 # here so that `eval.benchmarks` is checked when the config loads, not at the end of a run.
 BENCHMARK_NAMES: tuple[str, ...] = (
-    "synthetic", "ade20k", "voc", "cityscapes", "nyu", "kitti", "refcoco", "refcoco+", "refcocog")
+    "synthetic", "ade20k", "voc", "cityscapes", "nyu", "kitti", "refcoco", "refcoco+", "refcocog", "da2k", "navi",
+    "spair", "coco-karpathy")
 # The sources `versavit data prepare` reads (versavit.data.prepare.SOURCES, whose keys a test holds equal to
 # this): training sets, then benchmarks, each in the layout its authors publish.
 TRAINING_SOURCES: tuple[str, ...] = (
     "objects365", "grit", "sa1b", "refcoco", "refcoco+", "refcocog", "pixmo-cap", "idl-wds", "finevision",
-    "sa1b-internvl", "images")
-BENCHMARK_SOURCES: tuple[str, ...] = ("ade20k", "voc2012", "cityscapes", "nyuv2", "kitti")
+    "sa1b-internvl", "images", "coco-stuff")
+BENCHMARK_SOURCES: tuple[str, ...] = ("ade20k", "voc2012", "cityscapes", "nyuv2", "kitti", "da2k", "navi", "spair71k",
+                                      "coco-karpathy")
+# The evaluators (versavit.eval.evaluators.EVALUATORS, whose keys a test holds equal to this), in report order.
+EVALUATOR_NAMES: tuple[str, ...] = (
+    "linear-probe", "zero-shot-depth", "da2k", "refseg", "finetune-depth", "refseg-finetune", "correspondence",
+    "vqa", "retrieval")
+# Those that train (kind "training"): a job of their own through the launchers, not the evaluate step's pod.
+TRAINING_EVALUATORS: tuple[str, ...] = ("finetune-depth", "refseg-finetune", "vqa", "retrieval")
 SOURCE_NAMES: tuple[str, ...] = TRAINING_SOURCES + BENCHMARK_SOURCES
 # Pseudo-label steps, in the order they run on a dataset (describe reads masks, embed reads the texts).
 LABEL_KINDS: tuple[str, ...] = ("depth", "masks", "describe", "embed")
@@ -551,12 +559,21 @@ class LabelingConfig(Strict):
 class ProbeConfig(Strict):
     seg_resolution: int = Field(560, ge=28)
     depth_resolution: int = Field(448, ge=28)
+    extra_seg_resolutions: list[int] = Field(default_factory=list, description="more segmentation probes, e.g. "
+                                             "[448] for Table 14 beside Table 3's 560; metrics `seg_miou_<R>px`")
     depth_head: Literal["linear", "binned"] = "linear"
     epochs: int = Field(10, ge=1)
     lr: float = Field(1e-3, gt=0)
+    lr_grid: list[float] = Field(default_factory=list, description="DINOv2-style: train one head per learning "
+                                 "rate and report the best on the evaluation split; empty = `lr` only")
     batch_size: int = Field(16, ge=1)
 
     _mult = field_validator("seg_resolution", "depth_resolution")(_check_patch_multiple)
+
+    @field_validator("extra_seg_resolutions")
+    @classmethod
+    def _extra_mult(cls, values: list[int]) -> list[int]:
+        return [_check_patch_multiple(v) for v in values]
 
 
 def _check_benchmark(spec: str) -> str:
@@ -572,7 +589,129 @@ def _check_benchmark(spec: str) -> str:
     return spec
 
 
+class Da2kConfig(Strict):
+    """DA-2K relative depth: the multi-task DPT head's depth at each annotated point pair; accuracy of the order."""
+
+    resolution: int | None = Field(None, ge=28, description="input side; None = train.resolution.depth")
+    pairs_per_image: int = Field(16, ge=1, description="point pairs drawn per image of a benchmark without DA-2K "
+                                 "annotations (the synthetic world's depth, exact order)")
+
+    @field_validator("resolution")
+    @classmethod
+    def _mult(cls, value: int | None) -> int | None:
+        return value if value is None else _check_patch_multiple(value)
+
+
+class FinetuneDepthConfig(Strict):
+    """Fine-tuned depth (paper Table 9): backbone + DPT head trained on the benchmark's train split."""
+
+    epochs: int = Field(5, ge=1)
+    lr_backbone: float = Field(1e-5, gt=0)
+    lr_head: float = Field(1e-4, gt=0)
+    batch_size: int = Field(32, ge=1, description="per GPU")
+    resolution: int | None = Field(None, ge=28, description="input side; None = train.resolution.depth")
+    max_steps: int | None = Field(None, ge=1, description="cap on optimiser steps (toy configs); None = epochs")
+    flip: bool = Field(True, description="random horizontal flip of training pairs (Depth-Anything-V2's metric "
+                       "fine-tune)")
+    shuffle_buffer: int = Field(2048, ge=1, description="training samples held to shuffle a streamed (sharded) "
+                                "split, about 2.3 MB each at 532 px; a random-access split is permuted whole")
+    log_every: int = Field(50, ge=1, description="a progress log line every this many optimiser steps")
+
+
+class RefsegFinetuneConfig(Strict):
+    """Referring-segmentation fine-tune (paper Table 10): backbone + refseg head + LoRA on the text encoder."""
+
+    epochs: int = Field(50, ge=1)
+    lr_backbone: float = Field(1e-5, gt=0)
+    lr_rest: float = Field(1e-4, gt=0, description="refseg head and LoRA adapters")
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: int = Field(8, ge=1)
+    batch_size: int = Field(16, ge=1, description="per GPU")
+    resolution: int | None = Field(None, ge=28, description="input side; None = train.resolution.refseg")
+    text_encoder: str | None = Field(None, description="hub id / path of the text encoder; None = "
+                                     "labeling.teachers.embedder")
+    train: list[str] = Field(default_factory=list, description="extra training sets (prepared URLs), e.g. "
+                             "COCO-Stuff; the benchmark's own train split is always used")
+    max_steps: int | None = Field(None, ge=1, description="cap on optimiser steps (toy configs); None = epochs")
+    shuffle_buffer: int = Field(1024, ge=1, description="training queries held to shuffle the streamed training "
+                                "sets, about 1.3 MB each at 560 px (image shared by its queries, mask)")
+    log_every: int = Field(50, ge=1, description="a progress log line every this many optimiser steps")
+
+
+class CorrespondenceConfig(Strict):
+    """3D correspondence, Probe3D protocol (versavit.eval.evaluators.correspondence): final-layer features, cosine
+    nearest neighbours, recall within thresholds. Keypoint benchmarks (spair, synthetic) transfer each source
+    keypoint and count it within `thresholds` x the normaliser (SPair: the target box's longer side, Probe3D's
+    recall@0.10; synthetic: the image side); NAVI matches object pixels densely (ratio test, the best
+    `navi_num_corr`) and counts matches whose 3D points lie within `navi_thresholds_m` metres."""
+
+    resolutions: dict[str, int] = Field(default_factory=lambda: {"navi": 448, "spair": 896, "synthetic": 224},
+                                        description="benchmark -> input side (the paper: NAVI 448, SPair 896); "
+                                        "rounded down to the backbone's resize factor (28, or 32 for SigLIP2)")
+    default_resolution: int = Field(448, ge=28, description="for benchmarks not in `resolutions`")
+    thresholds: list[float] = Field(default_factory=lambda: [0.05, 0.10, 0.15], min_length=1,
+                                    description="keypoint recall thresholds, fractions of the normaliser (SPair: the "
+                                    "target bounding box's longer side; synthetic: the image side)")
+    headline_threshold: float = Field(0.10, gt=0, description="the keypoint threshold of the `recall` column "
+                                      "(Probe3D's SPair recall@0.10)")
+    navi_thresholds_m: list[float] = Field(default_factory=lambda: [0.01, 0.02, 0.05], min_length=1,
+                                           description="NAVI recall thresholds on the 3D distance, metres "
+                                           "(Probe3D's 1, 2 and 5 cm)")
+    navi_headline_m: float = Field(0.02, gt=0, description="the NAVI threshold of the `recall` column (Probe3D "
+                                   "bins its 2 cm recall by viewpoint change)")
+    navi_num_corr: int = Field(1000, ge=1, description="NAVI: matches kept per pair, the most distinctive by "
+                               "Lowe's ratio test (Probe3D: 1000)")
+    navi_grid_scale: float = Field(0.25, gt=0, le=1, description="NAVI: matching grid side as a fraction of the "
+                                   "input side (Probe3D: 0.25, 512 px -> 128); features upsampled (bicubic) to it")
+    keypoints_per_pair: int = Field(20, ge=1, description="synthetic: keypoints drawn on object pixels per pair")
+    max_pairs: int | None = Field(None, ge=1, description="cap on the pairs scored per benchmark (the first in "
+                                  "the reader's order); None = every pair")
+
+    @model_validator(mode="after")
+    def _headlines_listed(self) -> CorrespondenceConfig:
+        if not any(abs(t - self.headline_threshold) < 1e-9 for t in self.thresholds):
+            raise ValueError(f"headline_threshold {self.headline_threshold} must be one of thresholds "
+                             f"{self.thresholds}")
+        if not any(abs(t - self.navi_headline_m) < 1e-9 for t in self.navi_thresholds_m):
+            raise ValueError(f"navi_headline_m {self.navi_headline_m} must be one of navi_thresholds_m "
+                             f"{self.navi_thresholds_m}")
+        return self
+
+
+class VqaConfig(Strict):
+    """VQA with the frozen trained ViT in an MLLM (paper Table 2): projector, then projector + LLM."""
+
+    llm: str | None = Field(None, description="hub id / path of the LLM (paper: Qwen/Qwen3-8B); None = "
+                            "model.heads.caption.llm (a tiny one in tiny configs)")
+    stage1_lr: float = Field(5e-4, gt=0, description="stage 1: the projector on caption / OCR data")
+    stage2_lr: float = Field(2e-5, gt=0, description="stage 2: projector + LLM on instruction data")
+    stage1_data: list[str] = Field(default_factory=list, description="caption/OCR shard URLs; empty = the run's "
+                                   "caption data")
+    stage2_data: list[str] = Field(default_factory=list, description="VQA shard URLs; empty = the run's VQA data")
+    batch_size: int = Field(16, ge=1)
+    stage1_steps: int | None = Field(None, ge=1, description="cap (toy configs); None = one epoch")
+    stage2_steps: int | None = Field(None, ge=1, description="cap (toy configs); None = one epoch")
+
+
+class RetrievalConfig(Strict):
+    """Image-text retrieval (paper Table 11): attention pooling on the ViT + a SigLIP2 text encoder + MLP."""
+
+    text_encoder: str | None = Field(None, description="hub id / path of a SigLIP2 text model (paper: "
+                                     "google/siglip2-so400m-patch16-naflex); None = a tiny one in tiny configs")
+    embed_dim: int = Field(1280, ge=1, description="the shared embedding width (paper: 1280)")
+    variants: list[Literal["projection-only", "backbone-trained"]] = Field(
+        default_factory=lambda: ["projection-only", "backbone-trained"])
+    lr: float = Field(1e-4, gt=0)
+    lr_backbone: float = Field(1e-5, gt=0)
+    batch_size: int = Field(64, ge=1)
+    train: list[str] = Field(default_factory=list, description="image-caption shard URLs (paper: CC3M + CC12M "
+                             "+ YFCC15M); empty = the run's caption data")
+    max_steps: int | None = Field(None, ge=1, description="cap (toy configs); None = one epoch")
+
+
 class EvalConfig(Strict):
+    evaluators: list[str] = Field(default_factory=lambda: ["linear-probe", "zero-shot-depth", "da2k", "refseg"],
+                                  description=f"protocols to run, from: {', '.join(EVALUATOR_NAMES)}")
     benchmarks: list[Annotated[str, AfterValidator(_check_benchmark)]] = Field(
         default_factory=lambda: ["synthetic"], description=f"{', '.join(BENCHMARK_NAMES)}; each `name` or "
         "`name=root` (a local folder, or for synthetic a shard dataset URL prefix)")
@@ -580,8 +719,27 @@ class EvalConfig(Strict):
                                           "stage's starting backbone")
     probe: ProbeConfig = ProbeConfig()
     seed: int = Field(0, description="seeds the linear probes (head initialisation, batch order)")
+    da2k: Da2kConfig = Da2kConfig()
+    finetune_depth: FinetuneDepthConfig = FinetuneDepthConfig()
+    refseg_finetune: RefsegFinetuneConfig = RefsegFinetuneConfig()
+    correspondence: CorrespondenceConfig = CorrespondenceConfig()
+    vqa: VqaConfig = VqaConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
     gpus: int = Field(1, ge=0, le=1, description="GPUs of the evaluate step on the cluster: 1, or 0 for a CPU "
                       "node (evaluation runs on one device, so a step never requests GPUs it would not use)")
+
+    @field_validator("evaluators")
+    @classmethod
+    def _known_evaluators(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in EVALUATOR_NAMES:
+                close = difflib.get_close_matches(name, EVALUATOR_NAMES, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown evaluator {name!r}{hint}; valid: {', '.join(EVALUATOR_NAMES)} "
+                                 "(`versavit eval --list`)")
+        if len(set(names)) != len(names):
+            raise ValueError(f"an evaluator is named twice in {names}")
+        return names
 
 
 class WeightsConfig(Strict):

@@ -158,7 +158,7 @@ def to_markdown(table: Mapping[str, Any], sources: Mapping[str, str], title: str
             cells = [_cell(c, section["rows"][name][c["key"]], deltas.get(c["key"])) for c in cols]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         for row, values in section.get("paper", {}).items():  # the paper's numbers, as printed
-            cells = [format(values[c["key"]], c["fmt"]) if c["key"] in values else "" for c in cols]
+            cells = [f"{values[c['key']]:g}" if c["key"] in values else "" for c in cols]
             lines.append(f"| *{row}* | " + " | ".join(cells) + " |")
         lines.append("")
     if notes:

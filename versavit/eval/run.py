@@ -45,6 +45,7 @@ from versavit.eval import evaluators, report
 from versavit.eval.candidates import Candidate, baseline_candidate, resolve_candidate, trained_candidate  # noqa: F401 - re-exported
 from versavit.eval.datasets import Benchmark, open_benchmarks
 from versavit.eval.evaluators import EvalResult, Evaluator, MetricSpec
+from versavit.eval.jobs import results_url
 from versavit.layout import eval_cache_dir, metrics_log, metrics_log_of_export, reports_dir
 from versavit.models.backbone import VisionBackbone
 from versavit.tracking import stage_run
@@ -109,16 +110,23 @@ def evaluate(candidates: list[Candidate], benches: list[Benchmark], evals: list[
             out.notes.append(f"{cand.name} has no task heads (not a multi-task export): the evaluators that need "
                              "them (zero-shot depth, DA-2K, referring segmentation) skip it")
         cand.release()
-    figures_dir.mkdir(parents=True, exist_ok=True)
-    for ev in evals:
-        for bench in benches:
-            shown = [r for r in out.results if r.evaluator == ev.name and r.benchmark == bench.name]
-            if shown:
-                out.figures += ev.figures(shown, figures_dir)
+    out.figures = _figures(evals, benches, out.results, figures_dir)
     for ev in evals:
         if note := ev.protocol_note():
             out.notes.append(note)
     return out
+
+
+def _figures(evals: list[Evaluator], benches: list[Benchmark], results: list[EvalResult], out: Path) -> list[Path]:
+    """Each evaluator's figures per benchmark, every backbone in them (matplotlib: most of a tiny run's time)."""
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    for ev in evals:
+        for bench in benches:
+            shown = [r for r in results if r.evaluator == ev.name and r.benchmark == bench.name]
+            if shown:
+                files += ev.figures(shown, out)
+    return files
 
 
 def results_to_json(evaluation: Evaluation) -> dict[str, Any]:
@@ -297,11 +305,6 @@ def run_eval(cfg: RunConfig, trained: str | None = None, baseline: str | VisionB
 # the pipeline's fan-out: one step per evaluator, then one report step
 
 
-def results_url(cfg: RunConfig, evaluator: str) -> str:
-    """Where an evaluator step leaves its results for the report step (shared storage: steps are pods)."""
-    return storage.join(cfg.workdir, "stages", "eval", "results", f"{evaluator}.json")
-
-
 def evaluate_one(cfg: RunConfig, exports: Mapping[str, str], evaluator: str) -> str:
     """One evaluator on every backbone (baseline + exports) and benchmark, as its own MLflow stage run
     `eval-<evaluator>` (figures and metrics there); its typed results to `results_url`. Returns that URL."""
@@ -329,10 +332,7 @@ def evaluate_one(cfg: RunConfig, exports: Mapping[str, str], evaluator: str) -> 
 def report_from_results(cfg: RunConfig, exports: Mapping[str, str], urls: list[str]) -> dict[str, Any]:
     """The comparison report of the fan-out: every evaluator step's results (and figures) in one table, logged
     as the `eval` stage run, exactly as `run_eval` would write it in one process."""
-    cfg = weights.resolve(cfg)
     storage.configure(cfg.storage)
-    backbones = comparison_backbones(cfg, exports=exports)
-    candidates = _candidates(backbones, cfg)
     out = reports_dir(cfg, "eval")
     merged = Evaluation()
     bench_names: list[str] = []
@@ -349,6 +349,9 @@ def report_from_results(cfg: RunConfig, exports: Mapping[str, str], urls: list[s
             target.write_bytes(storage.read_bytes(storage.join(cfg.workdir, "stages", "eval", "figures", name)))
             merged.figures.append(target)
     evals = make_evaluators(cfg, sorted({r.evaluator for r in merged.results}) or None, out)
+    # the backbones as the evaluator steps named them (no export is copied here: the report needs only names)
+    names = ["baseline", *((variant or "trained") for variant in exports)]
+    candidates = [Candidate(n, merged.backbones.get(n, {}).get("source", "")) for n in names]
     started = time.perf_counter()
     with stage_run(cfg, "eval", tags=_tags(candidates, "baseline", list(cfg.eval.benchmarks), evals)) as (tracker,
                                                                                                           run):

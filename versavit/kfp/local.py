@@ -82,6 +82,8 @@ class _StepReporter:
     def step_name(component: str, arguments: dict[str, Any]) -> str:
         name = component.removeprefix("comp-")
         base = re.sub(r"-\d+$", "", name)
+        if base == "evaluator" and arguments.get("name"):
+            return f"evaluate {arguments['name']}"
         if base == "train" and arguments.get("stage"):
             return f"train {arguments['stage']}" + (f"-{arguments['variant']}" if arguments.get("variant") else "")
         if "shard_index" in arguments and "num_shards" in arguments:

@@ -113,6 +113,14 @@ def job_labels(cfg: RunConfig, stage: str, variant: str = "") -> dict[str, str]:
     return labels
 
 
+EVAL_STAGE_PREFIX = "eval-"  # a training-type evaluator's job (versavit.eval.jobs): stage eval-<evaluator>
+
+
+def entry_module(stage: str) -> str:
+    """What each rank runs (`python -m`): the training entry, or for `eval-<evaluator>` jobs the evaluation's."""
+    return "versavit.eval.entry" if stage.startswith(EVAL_STAGE_PREFIX) else "versavit.train.entry"
+
+
 def torchrun_command(cfg: RunConfig, stage: str, config_ref: str, variant: str = "",
                      elastic: bool = False) -> list[str]:
     """The container command; the same for every replica (torchrun reads the PET_* variables the operators set
@@ -132,7 +140,7 @@ def torchrun_command(cfg: RunConfig, stage: str, config_ref: str, variant: str =
         rendezvous = ["--rdzv-backend", "c10d", "--max-restarts", str(launch.max_restarts)]
     return ["python", "-m", "torch.distributed.run", "--nnodes", str(launch.nnodes),
             "--nproc-per-node", str(launch.nproc_per_node), *rendezvous,
-            "-m", "versavit.train.entry", "--stage", stage, "--config", config_ref,
+            "-m", entry_module(stage), "--stage", stage, "--config", config_ref,
             *(["--variant", variant] if variant else [])]
 
 

@@ -35,13 +35,13 @@ import yaml
 
 from versavit import storage
 from versavit.config import RunConfig, config_to_dict
-from versavit.launch.base import Launcher, LaunchResult
+from versavit.launch.base import Launcher, LaunchResult, entry_module
 from versavit.launch.errors import LaunchError, RankFailed
 from versavit.layout import lease_url, reports_dir, run_name, stage_manifest_url, stage_url
 from versavit.train import failures, lease, lifeline, resume
 
 STOP_GRACE_S = 8.0  # how long a stopped launcher waits for torchrun to stop its ranks
-ENTRY_MODULE = "versavit.train.entry"  # what each rank runs (`python -m`)
+ENTRY_MODULE = "versavit.train.entry"  # what each rank of a training stage runs (`python -m`; base.entry_module)
 TORCHRUN_LOG = "torchrun.log"
 
 
@@ -133,7 +133,7 @@ def _launch_local(cfg: RunConfig, stage: str, env: dict[str, str] | None, stream
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--max-restarts", "0",
            "--log-dir", str(log_dir), "--redirects", "3", "--tee", "0:3" if stream_output else "0",
-           "-m", ENTRY_MODULE, "--stage", stage, "--config", str(config_path), "--variant", variant]
+           "-m", entry_module(stage), "--stage", stage, "--config", str(config_path), "--variant", variant]
     run_env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": os.environ.get(
         "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))), "PYTHONUNBUFFERED": "1",
         lifeline.LAUNCHER_PID_ENV: str(os.getpid()), failures.FAILURE_DIR_ENV: str(failure_dir)}

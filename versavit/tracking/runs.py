@@ -169,7 +169,7 @@ def upstream_runs(cfg: RunConfig, name: str, tags: Mapping[str, str], tracker: T
             if (hit := _manifest_run(layout.stage_manifest_url(cfg, recipe[i - 1], v))) is not None:
                 found[hit[0]] = hit[1]
                 break
-    elif name == "eval":
+    elif name == "eval" or name.startswith("eval-"):  # the report, or one evaluator's step / job
         for key, url in tags.items():
             export = url.rstrip("/")
             if (key.startswith("versavit.eval.source.") and export.endswith("/export")

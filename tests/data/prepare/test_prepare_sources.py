@@ -135,12 +135,46 @@ def check_sa1b_internvl(out: str, root: Path) -> None:
         assert raw[key] == (root / "images" / f"sa_{i // 4:06d}" / f"sa_{i + 1}.jpg").read_bytes()
 
 
+# the fixture's stand-in classes: synthetic class -> (COCO-Stuff name, expression)
+COCO_STUFF_NAMES = {"floor": ("floor-other", "floor"), "wall": ("wall-other", "wall"),
+                    "ball": ("sports ball", "sports ball"), "cube": ("cardboard", "cardboard"),
+                    "cylinder": ("cup", "cup")}
+
+
+def check_coco_stuff(out: str, root: Path) -> None:
+    """One sample per train image (0-5), one query per class present, its mask exact with the unlabelled top
+    rows (255) in no mask; image 0's 2x2 speck of sky is below the minimum area (DROPPED)."""
+    from versavit.data.synthetic import CLASSES
+
+    samples = by_key(out)
+    assert sorted(samples) == [f"coco-stuff-{139 + 16 * i:012d}" for i in range(6)]
+    for i in range(6):
+        s, world = samples[f"coco-stuff-{139 + 16 * i:012d}"], scene(i)
+        expected = {}
+        for k in np.unique(world.semantic).tolist():
+            mask = world.semantic == k
+            mask[:3] = False  # the unlabelled band
+            if i == 0:
+                mask[-2:, -2:] = False  # the speck of sky
+            if mask.any():
+                expected[COCO_STUFF_NAMES[CLASSES[k]]] = mask
+        objects = s["json"]["objects"]
+        assert {(o["label"], o["expression"]) for o in objects} == set(expected)
+        assert "sky-other" not in {o["label"] for o in objects}
+        for o in objects:
+            got = codecs.decode_rle(o["segmentation"])
+            assert np.array_equal(got, expected[o["label"], o["expression"]]) and not got[:3].any()
+        by_expr = {expr: m for (_, expr), m in expected.items()}
+        check_refseg(s, by_expr.__getitem__)
+
+
 CHECKS: dict[str, Callable[[str, Path], None]] = {
     "objects365": check_objects365, "grit": check_grit, "sa1b": check_sa1b, "refcoco": check_refer,
     "refcoco+": check_refer, "refcocog": check_refer, "pixmo-cap": check_pixmo, "idl-wds": check_idl,
-    "finevision": check_finevision, "sa1b-internvl": check_sa1b_internvl,
+    "finevision": check_finevision, "sa1b-internvl": check_sa1b_internvl, "coco-stuff": check_coco_stuff,
 }
-DROPPED = {"finevision": {"multi_image_dropped": 1, "text_only_dropped": 1}}  # filters, not corruption
+DROPPED = {"finevision": {"multi_image_dropped": 1, "text_only_dropped": 1},  # filters, not corruption
+           "coco-stuff": {"small_class_dropped": 1}}
 
 
 def test_every_training_source_is_checked() -> None:
@@ -197,6 +231,10 @@ def _corrupt_sa1b_internvl(root: Path) -> None:
     path.write_text("\n".join([*lines[:3], '{"id": 99, "image": "sa_000000/sa_9', *lines[3:]]) + "\n")
 
 
+def _corrupt_coco_stuff(root: Path) -> None:
+    truncate(root / "annotations" / "train2017" / f"{155:012d}.png")
+
+
 # source -> (make one input corrupt, reason, how many records that loses, samples left)
 CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str, int, int]] = {
     "objects365": (_corrupt_objects365, "bad_image", 1, 5),
@@ -207,6 +245,7 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str, int, int]] = {
     "idl-wds": (_corrupt_idl, "bad_image", 1, 7),  # document 0 (two pages) has a truncated TIFF
     "finevision": (_corrupt_finevision, "bad_image", 1, 7),
     "sa1b-internvl": (_corrupt_sa1b_internvl, "bad_record", 1, 8),
+    "coco-stuff": (_corrupt_coco_stuff, "bad_label", 1, 5),
 }
 
 

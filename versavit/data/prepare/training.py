@@ -3,7 +3,8 @@ download, the folder layout expected and the size) and writes the fields trainin
 
     caption   json caption (PixMo-Cap, IDL-WDS pages, SA-1B-InternVL) or conversations (FineVision)
     refseg    objects with boxes (+ RLE masks, expressions where the source has them; SAM masks, describer
-              texts and text embeddings come from the label steps), or mask.png + expression (RefCOCO)
+              texts and text embeddings come from the label steps), or mask.png + expression (RefCOCO);
+              COCO-Stuff: one object per class present, its RLE mask and its name as the expression
     depth     the image (Depth-Anything-V2 disparity comes from `versavit label depth`)
 
 The readers and fixture writers live in versavit.data.convert (one module per kind of format).
@@ -11,7 +12,7 @@ The readers and fixture writers live in versavit.data.convert (one module per ki
 
 from __future__ import annotations
 
-from versavit.data.convert import detection, segmentation, text
+from versavit.data.convert import cocostuff, detection, segmentation, text
 from versavit.data.prepare.base import Source
 
 OBJECTS365 = Source(
@@ -117,5 +118,17 @@ SA1B_INTERNVL = Source(
     list_units=text.list_sa1b_internvl, read_units=text.read_sa1b_internvl,
     write_fixture=text.write_sa1b_internvl_fixture, units_per_shard=1)
 
+COCO_STUFF = Source(
+    name="coco-stuff", kind="training", tasks=("refseg",), splits=("train", "val"),
+    about="COCO-Stuff 164K (nightrome/cocostuff), used by the referring-segmentation fine-tune (paper Table 10) "
+    "beside RefCOCO/+/g: pixel labels of 80 thing and 91 stuff classes on the COCO 2017 images. Download "
+    "train2017.zip (118K images, 18 GB), val2017.zip (5K, 1 GB) and stuffthingmaps_trainval2017.zip (659 MB). Layout "
+    "(the repo's setup): <input>/images/{train,val}2017/<id>.jpg and <input>/annotations/{train,val}2017/<id>.png "
+    "(8-bit maps: 0-181 = the classes of labels.txt shifted by one, things 0-90, stuff 91-181; 255 = unlabeled). "
+    "Samples: the image and one object per class covering at least 0.1% of it (RLE mask, the class name as the "
+    "expression: 'wall-other' -> 'wall'); unlabelled pixels belong to no mask.",
+    list_units=cocostuff.list_coco_stuff, read_units=cocostuff.read_coco_stuff,
+    write_fixture=cocostuff.write_coco_stuff_fixture, units_per_shard=256)
+
 TRAINING_SOURCES: list[Source] = [OBJECTS365, GRIT, SA1B, REFCOCO, REFCOCO_PLUS, REFCOCOG, PIXMO_CAP, IDL_WDS,
-                                  FINEVISION, SA1B_INTERNVL]
+                                  FINEVISION, SA1B_INTERNVL, COCO_STUFF]

@@ -17,6 +17,9 @@ the folder named below (prepared or published, for local use only), and `synthet
     kitti       kitti        KITTIDepth   train / test (Eigen)         kitti
     refcoco, refcoco+, refcocog   (training sources' eval splits)   RefCOCO   - / val, testA, testB   refer
                                                                               (refcocog: val, test)
+    da2k        da2k         DA2K         - / test (point pairs only)  DA-2K
+    navi        navi         NAVI         - / test (Probe3D's pairs)   navi_v1
+    spair       spair71k     SPair        - / test (keypoint pairs)    SPair-71k
 
 The RefCOCO family is evaluated on every evaluation split the root holds (`open_benchmarks`): the val split
 under the plain name (`refcoco`), the others as `refcoco-testA`, `refcoco-testB` (`refcocog-test`), each with
@@ -35,15 +38,17 @@ from versavit import storage
 from versavit.eval.datasets.ade20k import ADE20k
 from versavit.eval.datasets.base import BenchmarkReader, Sample
 from versavit.eval.datasets.cityscapes import Cityscapes
+from versavit.eval.datasets.correspondence import NAVI, PreparedPairs, SPair
+from versavit.eval.datasets.da2k import DA2K, PreparedDA2K
 from versavit.eval.datasets.depth_lists import KITTIDepth, NYUv2Depth
 from versavit.eval.datasets.prepared import PreparedBenchmark, PreparedRefSeg, is_prepared
 from versavit.eval.datasets.refcoco import RefCOCO, refer_splits
 from versavit.eval.datasets.synthetic import SyntheticWorld
 from versavit.eval.datasets.voc import PascalVOC
 
-__all__ = ["ADE20k", "BENCHMARKS", "Benchmark", "BenchmarkReader", "Cityscapes", "KITTIDepth", "NYUv2Depth",
-           "PascalVOC", "PreparedBenchmark", "PreparedRefSeg", "RefCOCO", "Sample", "SyntheticWorld",
-           "open_benchmark", "open_benchmarks", "parse_benchmark"]
+__all__ = ["ADE20k", "BENCHMARKS", "NAVI", "Benchmark", "BenchmarkReader", "Cityscapes", "DA2K", "KITTIDepth",
+           "NYUv2Depth", "PascalVOC", "PreparedBenchmark", "PreparedDA2K", "PreparedPairs", "PreparedRefSeg", "RefCOCO",
+           "SPair", "Sample", "SyntheticWorld", "open_benchmark", "open_benchmarks", "parse_benchmark"]
 
 DATA_ROOT_ENV = "VERSAVIT_DATA_ROOT"
 log = logging.getLogger(__name__)
@@ -79,6 +84,12 @@ BENCHMARKS: dict[str, _Entry] = {
                     lambda url, split, n=name: PreparedRefSeg(url, n, split),
                     ("val", "test") if name == "refcocog" else ("val", "testA", "testB"))
        for name in ("refcoco", "refcoco+", "refcocog")},
+    "da2k": _Entry(lambda root, split: DA2K(root, split), None, "test", "DA-2K", "da2k",
+                   lambda url, split: PreparedDA2K(url, split)),
+    "navi": _Entry(lambda root, split: NAVI(root, split), None, "test", "navi_v1", "navi",
+                   lambda url, split: PreparedPairs(url, split, "navi")),
+    "spair": _Entry(lambda root, split: SPair(root, split), None, "test", "SPair-71k", "spair71k",
+                    lambda url, split: PreparedPairs(url, split, "spair")),
 }
 
 

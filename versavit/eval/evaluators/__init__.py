@@ -35,6 +35,8 @@ MODULES: dict[str, str] = {
     "finetune-depth": "finetune_depth",
     "refseg-finetune": "refseg_finetune",
     "correspondence": "correspondence",
+    "vqa": "vqa",
+    "retrieval": "retrieval",
 }
 assert tuple(MODULES) == EVALUATOR_NAMES, "the config's evaluator names and the registry must agree"
 

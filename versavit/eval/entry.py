@@ -1,0 +1,44 @@
+"""A training-type evaluator's job: `python -m versavit.eval.entry --stage eval-<evaluator> --config resolved.yaml`.
+
+What the launchers run for `eval-<evaluator>` stages (versavit.launch.base.entry_module): locally under torchrun,
+on a cluster as a PyTorchJob / TrainJob of one process on one GPU, sized like the evaluate steps (`eval.gpus`).
+The backbones come from the small manifest the pipeline step left in the stage folder (`backbones.json`:
+variant -> export URL); the results go where the report step reads them (versavit.eval.run.results_url), and
+`stage.json` says the job finished (what the launchers wait for).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import warnings
+
+from versavit.eval.jobs import EVAL_STAGE_PREFIX, run_job
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stage", required=True, help="eval-<evaluator>, e.g. eval-finetune-depth")
+    ap.add_argument("--config", required=True, help="resolved run config (YAML; an s3:// URL on a cluster)")
+    ap.add_argument("--variant", default="", help="unused: evaluation jobs have none")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    if not args.stage.startswith(EVAL_STAGE_PREFIX):
+        ap.error(f"--stage must be {EVAL_STAGE_PREFIX}<evaluator>, got {args.stage!r}")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    if world != 1:
+        raise SystemExit(f"{args.stage}: an evaluation job runs one process (got WORLD_SIZE={world}); launch it with "
+                         "versavit.eval.jobs.job_config")
+    from versavit import storage, weights
+    from versavit.config import load_config
+
+    cfg = weights.resolve(load_config(storage.localize_config(args.config), args.overrides))
+    print(json.dumps(run_job(cfg, args.stage.removeprefix(EVAL_STAGE_PREFIX))))
+
+
+if __name__ == "__main__":
+    main()
