@@ -16,7 +16,8 @@ from versavit.data.shards import read_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 SHORTER = ["train.warmup.max_steps=2", "train.multitask.max_steps=2", "launch.nproc_per_node=1",
-           "eval.probe.epochs=1", "data.num_workers=0"]
+           "eval.probe.epochs=1", "data.num_workers=0", "eval.finetune_depth.max_steps=2",
+           "eval.refseg_finetune.max_steps=2"]
 
 
 @pytest.mark.slow

@@ -189,10 +189,12 @@ def test_local_pipeline_console_is_one_line_per_step_and_live(local_pipeline: Pi
     out = local_pipeline.stdout + local_pipeline.stderr
     assert "executor_input" not in out and "non-Python base image" not in out and "KFP Executor" not in out
     steps = re.findall(r"^✓ (\S+(?: \S+)?)\s+[\d.:]+ (?:s|min)", out, flags=re.M)
+    evaluators = [f"evaluate {n}" for n in ("linear-probe", "zero-shot-depth", "da2k", "refseg", "correspondence")]
     assert sorted(steps) == sorted(["open-run", "data", "data-check", "label", "train warmup", "train multitask",
-                                    "evaluate", "close-run"]), steps  # one line each (KFP orders data-check freely)
-    assert steps[0] == "open-run" and steps[-1] == "close-run"
+                                    *evaluators, "evaluate", "close-run"]), steps  # one line each (KFP orders
+    assert steps[0] == "open-run" and steps[-1] == "close-run"                   # data-check freely)
     assert steps.index("label") < steps.index("train warmup") < steps.index("train multitask") < steps.index("evaluate")
+    assert all(steps.index("train multitask") < steps.index(e) < steps.index("evaluate") for e in evaluators)
     assert re.search(r"^✓ open-run .*MLflow run tiny-[0-9a-f]{8}-\d{8}-\d{6} \([0-9a-f]{32}\)$", out, flags=re.M)
     progress = re.findall(r"train multitask │ multitask step (\d+)/6  loss [\d.]+ \(caption=[\d.]+ depth=[\d.]+ "
                           r"refseg=[\d.]+\)  [\d.]+ samples/s  ETA \d+:\d\d", out)

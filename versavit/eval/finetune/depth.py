@@ -35,15 +35,11 @@ A candidate given in memory (the random-init baseline) is copied before training
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 import logging
 import math
-import queue
-import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +51,17 @@ from torch import nn
 
 from versavit.data.tasks import image_tensor
 from versavit.eval.evaluators.base import EvalResult, MetricSpec
+from versavit.eval.finetune import common
+from versavit.eval.finetune.common import (
+    Prefetch,
+    batches,
+    bf16_autocast,
+    deterministic,
+    random_access,
+    reader_samples,
+    relative_change,
+    shuffled,
+)
 from versavit.eval.metrics import DepthMeter
 from versavit.eval.probe import sig_loss
 from versavit.models.backbone import VisionBackbone
@@ -70,6 +77,7 @@ log = logging.getLogger(__name__)
 
 EVALUATOR = "finetune-depth"
 EXAMPLES = 4  # evaluation predictions kept for the report's figure
+_EXAMPLE_ARRAYS = ("image", "gt", "valid", "pred")  # what evaluate_metric_depth keeps of each example
 SILOG_VARIANCE_FOCUS = 0.5  # Depth-Anything-V2's SiLogLoss(lambd=0.5): Var(g) + 0.5 mean(g)^2
 METRIC_SPECS: dict[str, MetricSpec] = {
     "absrel": MetricSpec("AbsRel", higher_is_better=False),
@@ -149,7 +157,7 @@ class MetricDepthModel(nn.Module):
         head.head.max_depth = self.max_depth
 
     def forward(self, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        with _autocast(images.device):
+        with bf16_autocast(images.device):
             out = self.backbone(images, layers=self.layers)
         # the head in fp32: a metric regression whose bf16 output would be quantised to 2-3 significant digits
         with torch.autocast(images.device.type, enabled=False):
@@ -256,45 +264,17 @@ def _pair(image: np.ndarray, target: dict[str, Any], resolution: int, flip: bool
     return _Pair(x, depth, valid)
 
 
-def _random_access(reader: BenchmarkReader) -> bool:
-    """File-layout readers list their samples (`items`) and load any by index; shard streams list none."""
-    items = getattr(reader, "items", None)
-    return bool(items) and len(items) == len(reader)
-
-
 def _epoch_pairs(reader: BenchmarkReader, settings: FinetuneSettings, generator: torch.Generator
                  ) -> Iterator[_Pair]:
-    """One epoch of training pairs in a seeded random order (flips drawn from the same generator)."""
+    """One epoch of training pairs in a seeded random order (flips drawn from the same generator): a random-access
+    split permuted whole, a stream shuffled through a `shuffle_buffer`-pair buffer."""
 
     def flip() -> bool:
         return settings.flip and bool(torch.rand((), generator=generator) < 0.5)
 
-    if _random_access(reader):
-        for index in torch.randperm(len(reader), generator=generator).tolist():
-            image, target = reader[index]
-            if "depth" in target:
-                yield _pair(image, target, settings.resolution, flip())
-        return
-    buffer: list[_Pair] = []
-    for image, target in reader:
-        if "depth" not in target:
-            continue
-        buffer.append(_pair(image, target, settings.resolution, flip()))
-        if len(buffer) >= settings.shuffle_buffer:
-            yield buffer.pop(int(torch.randint(len(buffer), (), generator=generator)))
-    while buffer:
-        yield buffer.pop(int(torch.randint(len(buffer), (), generator=generator)))
-
-
-def _batches(pairs: Iterable[_Pair], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    batch: list[_Pair] = []
-    for p in pairs:
-        batch.append(p)
-        if len(batch) == batch_size:
-            yield _stack(batch)
-            batch = []
-    if batch:
-        yield _stack(batch)
+    pairs = (_pair(image, target, settings.resolution, flip())
+             for image, target in reader_samples(reader, generator) if "depth" in target)
+    yield from pairs if random_access(reader) else shuffled(pairs, settings.shuffle_buffer, generator)
 
 
 def _stack(batch: list[_Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -302,81 +282,8 @@ def _stack(batch: list[_Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
             torch.stack([p.valid for p in batch]))
 
 
-_DONE = object()
-
-
-class _Prefetch:
-    """Run an iterator in a background thread, `depth` items ahead (decoding overlaps the GPU's step). One
-    producer, so the order is the iterator's; its exceptions are raised in the consumer; `close()` stops it."""
-
-    def __init__(self, it: Iterator[Any], depth: int = 2) -> None:
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(it,), daemon=True, name="finetune-depth-data")
-        self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, it: Iterator[Any]) -> None:
-        try:
-            for item in it:
-                if not self._put(item):
-                    return
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            self._put(_Failure(exc))
-            return
-        self._put(_DONE)
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            item = self._queue.get()
-            if item is _DONE:
-                return
-            if isinstance(item, _Failure):
-                raise item.exc
-            yield item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-
-@dataclass
-class _Failure:
-    exc: BaseException
-
-
 # ------------------------------------------------------------------------------------------------
 # training and evaluation
-
-
-@contextlib.contextmanager
-def _deterministic(seed: int, algorithms: bool = True) -> Iterator[torch.Generator]:
-    """Seeded work that leaves the caller's RNG state and determinism flags as they were; with `algorithms`,
-    torch's deterministic algorithms too (on CPU: on a GPU they would cost speed for a 5-epoch fine-tune)."""
-    flag, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if algorithms:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        try:
-            yield torch.Generator().manual_seed(seed)
-        finally:
-            torch.use_deterministic_algorithms(flag, warn_only=warn)
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on a GPU that has it (a paper-size ViT does not train in fp32 at batch 32); fp32 on CPU."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _check_benchmark(benchmark: Benchmark) -> BenchmarkReader:
@@ -422,9 +329,10 @@ def train_metric_depth(model: MetricDepthModel, reader: BenchmarkReader, setting
     while len(losses) < total:
         epoch += 1
         before = len(losses)
-        batches = _Prefetch(_batches(_epoch_pairs(reader, settings, generator), settings.batch_size))
+        prefetch = Prefetch(batches(_epoch_pairs(reader, settings, generator), settings.batch_size, _stack),
+                            name="finetune-depth-data")
         try:
-            for x, depth, valid in batches:
+            for x, depth, valid in prefetch:
                 x = x.to(device, non_blocking=True).float().div_(255)
                 depth, valid = depth.to(device), valid.to(device)
                 valid = valid & (depth > lo) & (depth < hi)
@@ -445,7 +353,7 @@ def train_metric_depth(model: MetricDepthModel, reader: BenchmarkReader, setting
                 if step >= total:
                     break
         finally:
-            batches.close()
+            prefetch.close()
         if len(losses) == before:
             raise ValueError(f"finetune-depth: {reader.name}/{reader.split} yielded no sample with depth")
     return losses
@@ -485,17 +393,6 @@ def evaluate_metric_depth(model: MetricDepthModel, reader: BenchmarkReader, reso
     return scorer.compute(), kept
 
 
-def _relative_change(before: dict[str, torch.Tensor], module: nn.Module) -> float:
-    """||w_after - w_before|| / ||w_before|| over the tensors in `before` (L2 over all of them)."""
-    num = den = 0.0
-    for name, p in module.named_parameters():
-        if name in before:
-            w0 = before[name]
-            num += float((p.detach().cpu().double() - w0.double()).pow(2).sum())
-            den += float(w0.double().pow(2).sum())
-    return math.sqrt(num) / max(math.sqrt(den), 1e-30)
-
-
 def finetune_depth(candidate: Candidate, benchmark: Benchmark, cfg: RunConfig,
                    device: torch.device | str | None = None, out_dir: Path | None = None) -> EvalResult:
     """Fine-tune `candidate`'s backbone + a DPT head on `benchmark.train` for metric depth, score `benchmark.eval`.
@@ -510,12 +407,13 @@ def finetune_depth(candidate: Candidate, benchmark: Benchmark, cfg: RunConfig,
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     started = time.monotonic()
     result = EvalResult(EVALUATOR, benchmark.name, candidate.name)
-    with _deterministic(settings.seed, algorithms=device.type == "cpu"):
+    # deterministic algorithms on CPU only: on a GPU they would cost speed for a 5-epoch fine-tune
+    with deterministic(settings.seed, algorithms=device.type == "cpu"):
         model, origin = build_depth_model(candidate, cfg, benchmark.eval.max_depth, settings.seed)
         # a CPU copy of the starting weights (2.5 GB for a paper-size ViT) to report how far training moved them
         before = {n: p.detach().cpu().clone() for n, p in model.backbone.named_parameters() if p.requires_grad}
         losses = train_metric_depth(model, train_reader, settings, device, label=candidate.name)
-        update = _relative_change(before, model.backbone)
+        update = relative_change(before, model.backbone)
         del before
         metrics, examples = evaluate_metric_depth(model, benchmark.eval, settings.resolution, settings.batch_size,
                                                   device)
@@ -540,54 +438,15 @@ def finetune_depth(candidate: Candidate, benchmark: Benchmark, cfg: RunConfig,
 # results on disk (a fine-tune run as its own job hands its result back through these files)
 
 
-def _stem(result: EvalResult) -> str:
-    safe = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in f"{result.benchmark}-{result.backbone}")
-    return f"{EVALUATOR}-{safe}"
-
-
 def write_result(result: EvalResult, out_dir: Path) -> Path:
     """`<out_dir>/finetune-depth-<benchmark>-<backbone>.json` (metrics, curves, notes, settings) and `.npz` (the
     figure's examples); returns the JSON's path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = _stem(result)
-    examples = result.artifacts.get("examples") or {}
-    arrays = {f"{k}_{i}": np.asarray(v) for k, vs in examples.items() for i, v in enumerate(vs)}
-    if arrays:
-        np.savez_compressed(out_dir / f"{stem}.npz", **arrays)
-    doc = {
-        "evaluator": result.evaluator, "benchmark": result.benchmark, "backbone": result.backbone,
-        "metrics": {m.name: {"value": m.value, "label": m.spec.label, "higher_is_better": m.spec.higher_is_better,
-                             "scale": m.spec.scale, "fmt": m.spec.fmt} for m in result.metrics},
-        "curves": result.curves, "notes": result.notes, "elapsed_s": result.elapsed_s,
-        "artifacts": {k: v for k, v in result.artifacts.items() if k != "examples"},
-        "examples": f"{stem}.npz" if arrays else None,
-    }
-    path = out_dir / f"{stem}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)  # a reader never sees half a result
-    return path
+    return common.write_result(result, out_dir, arrays=_EXAMPLE_ARRAYS)
 
 
 def load_result(path: Path) -> EvalResult:
     """An EvalResult from what `write_result` wrote (examples included when the .npz is there)."""
-    path = Path(path)
-    doc = json.loads(path.read_text())
-    result = EvalResult(doc["evaluator"], doc["benchmark"], doc["backbone"], curves=doc.get("curves", {}),
-                        notes=doc.get("notes", []), elapsed_s=doc.get("elapsed_s", 0.0))
-    for name, m in doc["metrics"].items():
-        result.add(name, m["value"], MetricSpec(m["label"], m["higher_is_better"], m["scale"], m["fmt"]))
-    result.artifacts.update(doc.get("artifacts", {}))
-    if doc.get("examples") and (path.parent / doc["examples"]).is_file():
-        with np.load(path.parent / doc["examples"]) as z:
-            examples: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "gt", "valid", "pred")}
-            for key in examples:
-                i = 0
-                while f"{key}_{i}" in z:
-                    examples[key].append(z[f"{key}_{i}"])
-                    i += 1
-        result.artifacts["examples"] = examples
-    return result
+    return common.load_result(path, arrays=_EXAMPLE_ARRAYS)
 
 
 __all__: list[str] = ["METRIC_SPECS", "FinetuneSettings", "MetricDepthModel", "MetricDepthScorer",

@@ -44,15 +44,12 @@ batch (the paper's "per GPU"). A candidate held in memory (the random-init basel
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import math
-import queue
-import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +61,17 @@ from torch import nn
 
 from versavit.data.tasks import image_tensor
 from versavit.eval.evaluators.base import EvalResult, MetricSpec
+from versavit.eval.finetune import common
+from versavit.eval.finetune.common import (
+    Prefetch,
+    batches,
+    bf16_autocast,
+    deterministic,
+    reader_samples,
+    relative_change,
+    safe_name,
+    shuffled,
+)
 from versavit.losses import SegmentationLoss
 from versavit.models.backbone import VisionBackbone
 from versavit.models.heads.refseg import RefSegHead
@@ -370,23 +378,9 @@ def sample_queries(image: np.ndarray, target: dict[str, Any], resolution: int) -
     return [_Query(x, m, str(s)) for m, s in zip(_masks_at(masks, resolution), sentences, strict=False)]
 
 
-def _random_access(reader: BenchmarkReader) -> bool:
-    """File-layout readers list their samples (`items`) and load any by index; shard streams list none."""
-    items = getattr(reader, "items", None)
-    return bool(items) and len(items) == len(reader)
-
-
-def _reader_samples(reader: BenchmarkReader, generator: torch.Generator) -> Iterator[Sample]:
-    if _random_access(reader):
-        for index in torch.randperm(len(reader), generator=generator).tolist():
-            yield reader[index]
-    else:
-        yield from reader
-
-
 def _interleaved(readers: Sequence[BenchmarkReader], generator: torch.Generator) -> Iterator[Sample]:
     """The samples of every reader once, the next reader drawn in proportion to the samples it has left."""
-    streams = [_reader_samples(r, generator) for r in readers]
+    streams = [reader_samples(r, generator) for r in readers]
     left = [max(len(r), 1) for r in readers]
     while streams:
         k = int(torch.multinomial(torch.tensor(left, dtype=torch.float64), 1, generator=generator))
@@ -402,109 +396,17 @@ def _interleaved(readers: Sequence[BenchmarkReader], generator: torch.Generator)
 def _epoch_queries(readers: Sequence[BenchmarkReader], settings: RefsegFinetuneSettings,
                    generator: torch.Generator) -> Iterator[_Query]:
     """One epoch: every query of every training sample, shuffled through a buffer of `shuffle_buffer` queries."""
-    buffer: list[_Query] = []
-
-    def pop() -> _Query:
-        k = int(torch.randint(len(buffer), (), generator=generator))
-        buffer[k], buffer[-1] = buffer[-1], buffer[k]
-        return buffer.pop()
-
-    for image, target in _interleaved(readers, generator):
-        for q in sample_queries(image, target, settings.resolution):
-            buffer.append(q)
-            if len(buffer) >= settings.shuffle_buffer:
-                yield pop()
-    while buffer:
-        yield pop()
-
-
-def _batches(queries: Iterable[_Query], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    batch: list[_Query] = []
-    for q in queries:
-        batch.append(q)
-        if len(batch) == batch_size:
-            yield _stack(batch)
-            batch = []
-    if batch:
-        yield _stack(batch)
+    queries = (q for image, target in _interleaved(readers, generator)
+               for q in sample_queries(image, target, settings.resolution))
+    yield from shuffled(queries, settings.shuffle_buffer, generator, swap_last=True)
 
 
 def _stack(batch: list[_Query]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     return torch.stack([q.image for q in batch]), torch.stack([q.mask for q in batch]), [q.sentence for q in batch]
 
 
-@dataclass
-class _Failure:
-    exc: BaseException
-
-
-_DONE = object()
-
-
-class _Prefetch:
-    """An iterator run in a background thread, `depth` items ahead (decoding overlaps the device's step); one
-    producer, so the order is the iterator's; its exceptions are raised in the consumer; `close()` stops it."""
-
-    def __init__(self, it: Iterator[Any], depth: int = 2) -> None:
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(it,), daemon=True, name="refseg-finetune-data")
-        self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, it: Iterator[Any]) -> None:
-        try:
-            for item in it:
-                if not self._put(item):
-                    return
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            self._put(_Failure(exc))
-            return
-        self._put(_DONE)
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            item = self._queue.get()
-            if item is _DONE:
-                return
-            if isinstance(item, _Failure):
-                raise item.exc
-            yield item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-
 # ------------------------------------------------------------------------------------------------
 # training and scoring
-
-
-@contextlib.contextmanager
-def _deterministic(seed: int) -> Iterator[None]:
-    """Seeded, deterministic work that leaves the caller's RNG state and determinism flags as they were."""
-    flag, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        try:
-            yield
-        finally:
-            torch.use_deterministic_algorithms(flag, warn_only=warn)
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def training_readers(benchmark: Benchmark, train_readers: Sequence[BenchmarkReader] = ()) -> list[BenchmarkReader]:
@@ -551,15 +453,16 @@ def train_refseg_model(model: RefsegFinetuneModel, readers: Sequence[BenchmarkRe
             break
         decay = 0.5 * (1 + math.cos(math.pi * epoch / settings.epochs))
         before = len(losses)
-        batches = _Prefetch(_batches(_epoch_queries(readers, settings, generator), settings.batch_size))
+        prefetch = Prefetch(batches(_epoch_queries(readers, settings, generator), settings.batch_size, _stack),
+                            name="refseg-finetune-data")
         try:
-            for images, masks, sentences in batches:
+            for images, masks, sentences in prefetch:
                 scale = decay * min(1.0, (len(losses) + 1) / warmup) if warmup else decay
                 for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
                     g["lr"] = lr * scale
                 images = images.to(device, non_blocking=True).float().div_(255)
                 masks = masks.to(device)
-                with _autocast(device):
+                with bf16_autocast(device):
                     logits = model(images, sentences, size)
                 loss, _ = seg_loss(logits.float(), masks)
                 optimizer.zero_grad(set_to_none=True)
@@ -576,7 +479,7 @@ def train_refseg_model(model: RefsegFinetuneModel, readers: Sequence[BenchmarkRe
                 if settings.max_steps and step >= settings.max_steps:
                     break
         finally:
-            batches.close()
+            prefetch.close()
         if len(losses) == before:
             raise ValueError(f"refseg-finetune: the training sets ({names}) hold no referred object (no masks)")
     return losses
@@ -626,20 +529,6 @@ class FinetunedRefseg:
     notes: list[str] = field(default_factory=list)
 
 
-def _relative_change(before: dict[str, torch.Tensor], module: nn.Module) -> float:
-    num = den = 0.0
-    for name, p in module.named_parameters():
-        if name in before:
-            w0 = before[name]
-            num += float((p.detach().cpu().double() - w0.double()).pow(2).sum())
-            den += float(w0.double().pow(2).sum())
-    return math.sqrt(num) / max(math.sqrt(den), 1e-30)
-
-
-def _safe(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in text)
-
-
 def train_refseg(candidate: Candidate, benchmark: Benchmark, cfg: RunConfig,
                  train_readers: Sequence[BenchmarkReader] = (), device: torch.device | str | None = None,
                  out_dir: Path | None = None) -> FinetunedRefseg:
@@ -649,17 +538,18 @@ def train_refseg(candidate: Candidate, benchmark: Benchmark, cfg: RunConfig,
     settings = RefsegFinetuneSettings.from_config(cfg)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     started = time.monotonic()
-    with _deterministic(settings.seed):
+    with deterministic(settings.seed):
         model, origin = build_refseg_model(candidate, cfg, settings, device)
         before = {n: p.detach().cpu().clone() for n, p in model.backbone.named_parameters()}
         losses = train_refseg_model(model, readers, settings, device, label=candidate.name)
-        update = _relative_change(before, model.backbone)
+        update = relative_change(before, model.backbone)
         del before
     train_sets = [f"{r.name}/{r.split} ({len(r)})" for r in readers]
     run = FinetunedRefseg(candidate.name, model, origin, losses, settings, train_sets, update)
     if out_dir is not None:
         tag = "+".join(dict.fromkeys(r.name for r in readers))
-        run.adapter = str(model.text.save_adapter(Path(out_dir) / _safe(f"{EVALUATOR}-{tag}-{candidate.name}-lora")))
+        adapter_dir = Path(out_dir) / safe_name(f"{EVALUATOR}-{tag}-{candidate.name}-lora")
+        run.adapter = str(model.text.save_adapter(adapter_dir))
     text = model.text
     projection = "" if text.projection is None else f", projection {text.encoder_dim} -> {text.out_dim}"
     run.notes.append(f"{candidate.name}: {'the export' if origin == 'export' else 'a fresh'} refseg head, LoRA on "
@@ -710,56 +600,19 @@ def finetune_refseg(candidate: Candidate, benchmark: Benchmark, cfg: RunConfig,
 # ------------------------------------------------------------------------------------------------
 # results on disk (a fine-tune run as its own job hands its result back through these files)
 
-_ARRAY_KEYS = ("image", "gt", "pred")
+_EXAMPLE_ARRAYS = ("image", "gt", "pred")  # in the .npz; each example's sentence and IoU are in the JSON
+_EXAMPLE_VALUES = {"sentence": str, "iou": float}
 
 
 def write_result(result: EvalResult, out_dir: Path) -> Path:
     """`<out_dir>/refseg-finetune-<benchmark>-<backbone>.json` (metrics, curves, notes, artifacts, example sentences
     and IoUs) and `.npz` (example images and masks); returns the JSON's path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = _safe(f"{EVALUATOR}-{result.benchmark}-{result.backbone}")
-    examples = result.artifacts.get("examples") or {}
-    arrays = {f"{k}_{i}": np.asarray(v) for k in _ARRAY_KEYS for i, v in enumerate(examples.get(k, []))}
-    if arrays:
-        np.savez_compressed(out_dir / f"{stem}.npz", **arrays)
-    doc = {
-        "evaluator": result.evaluator, "benchmark": result.benchmark, "backbone": result.backbone,
-        "metrics": {m.name: {"value": m.value, "label": m.spec.label, "higher_is_better": m.spec.higher_is_better,
-                             "scale": m.spec.scale, "fmt": m.spec.fmt} for m in result.metrics},
-        "curves": result.curves, "notes": result.notes, "elapsed_s": result.elapsed_s,
-        "artifacts": {k: v for k, v in result.artifacts.items() if k != "examples"},
-        "examples": {"arrays": f"{stem}.npz" if arrays else None,
-                     "sentence": [str(s) for s in examples.get("sentence", [])],
-                     "iou": [float(v) for v in examples.get("iou", [])]},
-    }
-    path = out_dir / f"{stem}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)  # a reader never sees half a result
-    return path
+    return common.write_result(result, out_dir, arrays=_EXAMPLE_ARRAYS, values=_EXAMPLE_VALUES)
 
 
 def load_result(path: Path) -> EvalResult:
     """An EvalResult from what `write_result` wrote (the examples too when the .npz is there)."""
-    path = Path(path)
-    doc = json.loads(path.read_text())
-    result = EvalResult(doc["evaluator"], doc["benchmark"], doc["backbone"], curves=doc.get("curves", {}),
-                        notes=doc.get("notes", []), elapsed_s=doc.get("elapsed_s", 0.0))
-    for name, m in doc["metrics"].items():
-        result.add(name, m["value"], MetricSpec(m["label"], m["higher_is_better"], m["scale"], m["fmt"]))
-    result.artifacts.update(doc.get("artifacts", {}))
-    ex = doc.get("examples") or {}
-    if ex.get("arrays") and (path.parent / ex["arrays"]).is_file():
-        examples: dict[str, list[Any]] = {k: [] for k in _ARRAY_KEYS}
-        with np.load(path.parent / ex["arrays"]) as z:
-            for key in _ARRAY_KEYS:
-                i = 0
-                while f"{key}_{i}" in z:
-                    examples[key].append(z[f"{key}_{i}"])
-                    i += 1
-        examples["sentence"], examples["iou"] = list(ex.get("sentence", [])), list(ex.get("iou", []))
-        result.artifacts["examples"] = examples
-    return result
+    return common.load_result(path, arrays=_EXAMPLE_ARRAYS, values=_EXAMPLE_VALUES)
 
 
 __all__: list[str] = ["METRIC_SPECS", "FinetunedRefseg", "LoraTextEncoder", "RefsegFinetuneModel",
