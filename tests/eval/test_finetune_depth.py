@@ -199,10 +199,11 @@ def test_published_layout_split_is_read_by_index(tmp_path: Path, eval_run: Path,
     from eval_helpers import write_nyu
 
     from versavit.eval.finetune import depth as ft
+    from versavit.eval.finetune.common import random_access
 
     write_nyu(tmp_path / "nyu", per_split=3)
     bench = open_benchmark(f"nyu={tmp_path / 'nyu'}", str(tmp_path))
-    assert ft._random_access(bench.train) and not ft._random_access(world["bench"].train)
+    assert random_access(bench.train) and not random_access(world["bench"].train)
     settings = dataclasses.replace(FinetuneSettings.from_config(world["cfg"]), batch_size=2, flip=False)
     keys = [[float(p.depth.sum()) for p in ft._epoch_pairs(bench.train, settings, torch.Generator().manual_seed(s))]
             for s in (0, 1)]
