@@ -46,6 +46,9 @@ MODEL_FIELDS: tuple[str, ...] = (
     "labeling.teachers.describer",      # ImageTextDescriber
     "labeling.teachers.embedder",       # TextEmbedder (labelling, and eval on RefCOCO)
     "eval.baseline_backbone",           # eval's baseline candidate
+    "eval.refseg_finetune.text_encoder",  # the LoRA fine-tune's text encoder (default: the embedder)
+    "eval.retrieval.text_encoder",      # retrieval's SigLIP2 text tower
+    "eval.vqa.llm",                     # the VQA protocol's LLM (default: the caption head's)
 )
 # teachers only a label step of this kind loads (the embedder also serves evaluation on RefCOCO)
 TEACHER_KINDS = {"labeling.teachers.depth": "depth", "labeling.teachers.masks": "masks",

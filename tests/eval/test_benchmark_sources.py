@@ -12,9 +12,8 @@ from benchmark_helpers import BENCH_NAME, prepare_all
 
 from versavit.config.schema import BENCHMARK_SOURCES as SCHEMA_BENCHMARK_SOURCES
 from versavit.data.errors import CorruptDataError
-from versavit.data.prepare import SOURCES
+from versavit.data.prepare import BENCHMARK_SOURCES, SOURCES
 from versavit.data.prepare.benchmarks import (
-    BENCHMARK_SOURCES,
     FIXTURE_IMAGES,
     KITTI,
     NYU,
@@ -26,9 +25,9 @@ from versavit.eval.datasets import PreparedBenchmark, open_benchmark
 
 SEED = 3
 SCALE = {"nyuv2": NYU.scale, "kitti": KITTI.scale}
-# the dense benchmarks (a train split for the probes, seg or depth labels); DA-2K, NAVI and SPair-71k have tests
-# of their own (tests/eval/test_da2k.py, test_correspondence.py)
-DENSE = [s.name for s in BENCHMARK_SOURCES if s.name not in ("da2k", "navi", "spair71k")]
+# the dense benchmarks (a train split for the probes, seg or depth labels); DA-2K, NAVI, SPair-71k and COCO Karpathy
+# have tests of their own (tests/eval/test_da2k.py, test_correspondence.py, test_retrieval.py)
+DENSE = [s.name for s in BENCHMARK_SOURCES if s.name not in ("da2k", "navi", "spair71k", "coco-karpathy")]
 
 
 def test_the_sources_are_registered_and_documented() -> None:

@@ -691,22 +691,48 @@ class VqaConfig(Strict):
     batch_size: int = Field(16, ge=1)
     stage1_steps: int | None = Field(None, ge=1, description="cap (toy configs); None = one epoch")
     stage2_steps: int | None = Field(None, ge=1, description="cap (toy configs); None = one epoch")
+    qa_kinds: list[str] = Field(default_factory=list, description="question kinds trained and scored in stage 2 "
+                                "(the synthetic world's: count, color, shape, spatial); empty = all")
+    max_questions: int | None = Field(None, ge=1, description="score only the evaluation split's first this many "
+                                      "questions; None = all")
+    max_new_tokens: int = Field(16, ge=1, description="greedy answer length cap")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of both stages (LLaVA's recipe: 0)")
+    log_every: int = Field(50, ge=1, description="a progress log line every this many optimiser steps")
+    in_memory: int = Field(1024, ge=0, description="a training set of at most this many images is read once and "
+                           "kept in memory, and the visual features of up to this many images are kept (the backbone "
+                           "is frozen); 0 = stream every epoch, compute every feature")
 
 
 class RetrievalConfig(Strict):
     """Image-text retrieval (paper Table 11): attention pooling on the ViT + a SigLIP2 text encoder + MLP."""
 
-    text_encoder: str | None = Field(None, description="hub id / path of a SigLIP2 text model (paper: "
-                                     "google/siglip2-so400m-patch16-naflex); None = a tiny one in tiny configs")
+    text_encoder: str | None = Field(None, description="hub id / path of a SigLIP or SigLIP2 checkpoint (its text "
+                                     "model is used, frozen; paper: google/siglip2-so400m-patch14-384); None = a "
+                                     "tiny random SigLIP2 text model built in memory (toy runs only)")
     embed_dim: int = Field(1280, ge=1, description="the shared embedding width (paper: 1280)")
     variants: list[Literal["projection-only", "backbone-trained"]] = Field(
         default_factory=lambda: ["projection-only", "backbone-trained"])
-    lr: float = Field(1e-4, gt=0)
-    lr_backbone: float = Field(1e-5, gt=0)
-    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-4, gt=0, description="backbone-trained variant: pooling layer, text MLP, temperature "
+                      "and bias (paper 1e-4)")
+    lr_projection: float = Field(5e-4, gt=0, description="projection-only variant (ViT frozen): pooling layer, "
+                                 "text MLP, temperature and bias (paper 5e-4)")
+    lr_backbone: float = Field(1e-5, gt=0, description="backbone-trained variant: the ViT (paper 1e-5)")
+    batch_size: int = Field(64, ge=1, description="per GPU (paper: 128 on each of 128 GPUs); also the scoring "
+                            "batch")
+    epochs: int = Field(10, ge=1, description="passes over the training pairs (paper: 10)")
+    resolution: int | None = Field(None, ge=28, description="input side (square); None = "
+                                   "eval.probe.depth_resolution")
     train: list[str] = Field(default_factory=list, description="image-caption shard URLs (paper: CC3M + CC12M "
-                             "+ YFCC15M); empty = the run's caption data")
-    max_steps: int | None = Field(None, ge=1, description="cap (toy configs); None = one epoch")
+                             "+ YFCC15M); empty = the synthetic benchmark's own train split for it, else the "
+                             "run's caption data")
+    max_steps: int | None = Field(None, ge=1, description="cap on optimiser steps (toy configs); None = epochs")
+    shuffle_buffer: int = Field(2048, ge=1, description="training pairs held to shuffle the streamed shards")
+    log_every: int = Field(50, ge=1, description="a progress log line every this many optimiser steps")
+
+    @field_validator("resolution")
+    @classmethod
+    def _mult(cls, value: int | None) -> int | None:
+        return value if value is None else _check_patch_multiple(value)
 
 
 class EvalConfig(Strict):

@@ -3,7 +3,7 @@
 What the launchers run for `eval-<evaluator>` stages (versavit.launch.base.entry_module): locally under torchrun,
 on a cluster as a PyTorchJob / TrainJob of one process on one GPU, sized like the evaluate steps (`eval.gpus`).
 The backbones come from the small manifest the pipeline step left in the stage folder (`backbones.json`:
-variant -> export URL); the results go where the report step reads them (versavit.eval.run.results_url), and
+variant -> export URL); the results go where the report step reads them (versavit.eval.jobs.results_url), and
 `stage.json` says the job finished (what the launchers wait for).
 """
 
@@ -14,8 +14,25 @@ import json
 import logging
 import os
 import warnings
+from typing import Any
 
-from versavit.eval.jobs import EVAL_STAGE_PREFIX, run_job
+from versavit import storage
+from versavit.config import RunConfig
+from versavit.eval.jobs import EVAL_STAGE_PREFIX, backbones_url
+from versavit.layout import stage_manifest_url
+
+
+def run_job(cfg: RunConfig, evaluator: str) -> dict[str, Any]:
+    """The job's work (inside versavit.eval.entry): the evaluator on the manifest's backbones, results written,
+    then stage.json."""
+    from versavit.eval.run import evaluate_one
+
+    storage.configure(cfg.storage)
+    exports = json.loads(storage.read_text(backbones_url(cfg, evaluator)))
+    url = evaluate_one(cfg, exports, evaluator)
+    done = {"stage": f"{EVAL_STAGE_PREFIX}{evaluator}", "variant": "", "results_url": url, "evaluator": evaluator}
+    storage.write_text(stage_manifest_url(cfg, f"{EVAL_STAGE_PREFIX}{evaluator}"), json.dumps(done))
+    return done
 
 
 def main() -> None:
@@ -33,7 +50,7 @@ def main() -> None:
     if world != 1:
         raise SystemExit(f"{args.stage}: an evaluation job runs one process (got WORLD_SIZE={world}); launch it with "
                          "versavit.eval.jobs.job_config")
-    from versavit import storage, weights
+    from versavit import weights
     from versavit.config import load_config
 
     cfg = weights.resolve(load_config(storage.localize_config(args.config), args.overrides))

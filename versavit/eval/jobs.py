@@ -3,15 +3,14 @@
 A pipeline's evaluator step for such a protocol does not train in its own pod: it leaves the backbones to compare
 in `<workdir>/stages/eval-<evaluator>/backbones.json` and has the launcher (versavit.stages) run stage
 `eval-<evaluator>`: torchrun on this machine, a PyTorchJob / TrainJob on a cluster, one process on one GPU
-(`job_config`). The job (`python -m versavit.eval.entry`) runs the evaluator on every backbone and writes the
-results where the report step reads them, then `stage.json`, which the launchers wait for.
+(`job_config`). The job (`python -m versavit.eval.entry`: `run_job` there) runs the evaluator on every backbone and
+writes the results where the report step reads them, then `stage.json`, which the launchers wait for.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
 
 from versavit import storage
 from versavit.config import RunConfig
@@ -47,16 +46,3 @@ def prepare_job(cfg: RunConfig, exports: Mapping[str, str], evaluator: str) -> s
         fs, path = storage.get_fs(manifest)
         fs.rm(path)
     return f"{EVAL_STAGE_PREFIX}{evaluator}"
-
-
-def run_job(cfg: RunConfig, evaluator: str) -> dict[str, Any]:
-    """The job's work (inside versavit.eval.entry): the evaluator on the manifest's backbones, results written,
-    then stage.json."""
-    from versavit.eval.run import evaluate_one
-
-    storage.configure(cfg.storage)
-    exports = json.loads(storage.read_text(backbones_url(cfg, evaluator)))
-    url = evaluate_one(cfg, exports, evaluator)
-    done = {"stage": f"{EVAL_STAGE_PREFIX}{evaluator}", "variant": "", "results_url": url, "evaluator": evaluator}
-    storage.write_text(stage_manifest_url(cfg, f"{EVAL_STAGE_PREFIX}{evaluator}"), json.dumps(done))
-    return done

@@ -36,6 +36,13 @@ PAPER: dict[tuple[str, str, str], dict[str, float]] = {
     # Table 8: 3D correspondence, Probe3D protocol
     ("correspondence", "navi", "*"): {BASE: 39.27, OURS: 41.64},
     ("correspondence", "spair", "*"): {BASE: 17.05, OURS: 26.99},
+    # Table 11: COCO retrieval, R@1 (projection only; * backbone trained)
+    ("retrieval", "coco-karpathy", "t2i_r1"): {OURS: 46.9},
+    ("retrieval", "coco-karpathy", "i2t_r1"): {OURS: 60.5},
+    ("retrieval", "coco-karpathy", "t2i_r1_bb"): {OURS: 54.8},
+    ("retrieval", "coco-karpathy", "i2t_r1_bb"): {OURS: 69.5},
+    # Table 2: OpenCompass average of 8 VQA benchmarks (VLMEvalKit), frozen ViT + projector + Qwen3-8B
+    ("vqa", "opencompass", "average"): {BASE: 64.8, OURS: 66.4},
 }
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from versavit.eval.evaluators import EvalResult, Evaluator
+    from versavit.eval.results import EvalResult, ReportedEvaluator
 
 BENCHMARK_LABELS = {"synthetic": "Synthetic", "ade20k": "ADE20k", "voc": "VOC", "cityscapes": "Cityscapes",
                     "nyu": "NYUv2", "kitti": "KITTI", "refcoco": "RefCOCO val", "refcoco+": "RefCOCO+ val",
@@ -95,7 +95,7 @@ def backbone_figures(table: Mapping[str, Any], name: str) -> dict[str, float]:
 
 
 def comparison_table(results: Sequence[EvalResult], reference: str, backbones: Sequence[str],
-                     evaluators: Sequence[Evaluator], benchmarks: Sequence[str]) -> dict[str, Any]:
+                     evaluators: Sequence[ReportedEvaluator], benchmarks: Sequence[str]) -> dict[str, Any]:
     """Every backbone's results -> one section per evaluator (in the given order): columns `<evaluator>/
     <benchmark>/<metric>` (benchmarks in the given order, metrics in the evaluator's column order), rows of raw
     values per backbone, deltas to `reference`, and the paper's numbers for the same columns (display units)."""

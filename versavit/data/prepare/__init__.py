@@ -7,10 +7,14 @@ SOURCES maps each source name (versavit.config.schema.SOURCE_NAMES) to its `Sour
 from __future__ import annotations
 
 from versavit.data.prepare.base import Source
-from versavit.data.prepare.benchmarks import BENCHMARK_SOURCES
+from versavit.data.prepare.benchmarks import DENSE_SOURCES
+from versavit.data.prepare.coco_karpathy import COCO_KARPATHY_SOURCE
+from versavit.data.prepare.correspondence import NAVI_SOURCE, SPAIR_SOURCE
+from versavit.data.prepare.da2k import DA2K_SOURCE
 from versavit.data.prepare.images import IMAGES
 from versavit.data.prepare.training import TRAINING_SOURCES
 
+BENCHMARK_SOURCES: list[Source] = [*DENSE_SOURCES, DA2K_SOURCE, NAVI_SOURCE, SPAIR_SOURCE, COCO_KARPATHY_SOURCE]
 SOURCES: dict[str, Source] = {s.name: s for s in (*TRAINING_SOURCES, IMAGES, *BENCHMARK_SOURCES)}
 
-__all__ = ["SOURCES", "Source"]
+__all__ = ["BENCHMARK_SOURCES", "SOURCES", "Source"]

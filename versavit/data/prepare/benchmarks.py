@@ -665,12 +665,9 @@ def write_kitti_fixture(folder: Path, seed: int) -> None:
 # ------------------------------------------------------------------------------------------ the sources
 
 
-# DA-2K's source lives in its own module, which uses the helpers above: imported here, once they exist (NAVI's
-# and SPair-71k's likewise)
-from versavit.data.prepare.correspondence import NAVI_SOURCE, SPAIR_SOURCE  # noqa: E402
-from versavit.data.prepare.da2k import DA2K_SOURCE  # noqa: E402
-
-BENCHMARK_SOURCES: list[Source] = [
+# the dense benchmarks (seg / depth maps); DA-2K, NAVI, SPair-71k and COCO Karpathy live in modules of their own,
+# which use the helpers above, and join these in versavit.data.prepare.BENCHMARK_SOURCES
+DENSE_SOURCES: list[Source] = [
     Source(
         name="ade20k", kind="benchmark", tasks=("seg",), splits=("validation", "training"),
         about="ADE20k SceneParsing (150 classes): ADEChallengeData2016.zip (923 MB, "
@@ -714,7 +711,4 @@ BENCHMARK_SOURCES: list[Source] = [
         "(data_depth_annotated.zip, 14 GB; 16-bit, metres * 256, 0 = no lidar point). Test: 697 lines, 652 with "
         "ground truth (the 45 'None' lines are skipped); ~23k training frames.",
         list_units=list_kitti, read_units=read_kitti, write_fixture=write_kitti_fixture, units_per_shard=128),
-    DA2K_SOURCE,
-    NAVI_SOURCE,
-    SPAIR_SOURCE,
 ]

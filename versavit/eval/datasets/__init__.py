@@ -20,6 +20,7 @@ the folder named below (prepared or published, for local use only), and `synthet
     da2k        da2k         DA2K         - / test (point pairs only)  DA-2K
     navi        navi         NAVI         - / test (Probe3D's pairs)   navi_v1
     spair       spair71k     SPair        - / test (keypoint pairs)    SPair-71k
+    coco-karpathy  coco-karpathy  CocoKarpathy  - / test (5k images, captions)  coco
 
 The RefCOCO family is evaluated on every evaluation split the root holds (`open_benchmarks`): the val split
 under the plain name (`refcoco`), the others as `refcoco-testA`, `refcoco-testB` (`refcocog-test`), each with
@@ -38,6 +39,7 @@ from versavit import storage
 from versavit.eval.datasets.ade20k import ADE20k
 from versavit.eval.datasets.base import BenchmarkReader, Sample
 from versavit.eval.datasets.cityscapes import Cityscapes
+from versavit.eval.datasets.coco_karpathy import CocoKarpathy, PreparedCocoKarpathy
 from versavit.eval.datasets.correspondence import NAVI, PreparedPairs, SPair
 from versavit.eval.datasets.da2k import DA2K, PreparedDA2K
 from versavit.eval.datasets.depth_lists import KITTIDepth, NYUv2Depth
@@ -46,9 +48,10 @@ from versavit.eval.datasets.refcoco import RefCOCO, refer_splits
 from versavit.eval.datasets.synthetic import SyntheticWorld
 from versavit.eval.datasets.voc import PascalVOC
 
-__all__ = ["ADE20k", "BENCHMARKS", "NAVI", "Benchmark", "BenchmarkReader", "Cityscapes", "DA2K", "KITTIDepth",
-           "NYUv2Depth", "PascalVOC", "PreparedBenchmark", "PreparedDA2K", "PreparedPairs", "PreparedRefSeg", "RefCOCO",
-           "SPair", "Sample", "SyntheticWorld", "open_benchmark", "open_benchmarks", "parse_benchmark"]
+__all__ = ["ADE20k", "BENCHMARKS", "NAVI", "Benchmark", "BenchmarkReader", "Cityscapes", "CocoKarpathy", "DA2K",
+           "KITTIDepth", "NYUv2Depth", "PascalVOC", "PreparedBenchmark", "PreparedCocoKarpathy", "PreparedDA2K",
+           "PreparedPairs", "PreparedRefSeg", "RefCOCO", "SPair", "Sample", "SyntheticWorld", "open_benchmark",
+           "open_benchmarks", "parse_benchmark"]
 
 DATA_ROOT_ENV = "VERSAVIT_DATA_ROOT"
 log = logging.getLogger(__name__)
@@ -90,6 +93,9 @@ BENCHMARKS: dict[str, _Entry] = {
                    lambda url, split: PreparedPairs(url, split, "navi")),
     "spair": _Entry(lambda root, split: SPair(root, split), None, "test", "SPair-71k", "spair71k",
                     lambda url, split: PreparedPairs(url, split, "spair")),
+    # retrieval (Table 11) is zero-shot on COCO: trained on other image-text pairs, no COCO train split read
+    "coco-karpathy": _Entry(lambda root, split: CocoKarpathy(root, split), None, "test", "coco", "coco-karpathy",
+                            lambda url, split: PreparedCocoKarpathy(url, split)),
 }
 
 

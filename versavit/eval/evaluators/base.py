@@ -14,76 +14,19 @@ MLflow names: `<backbone>/<evaluator>/<benchmark>/<metric>`; the report's column
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from versavit.eval.results import EvalResult, Metric, MetricSpec, Skipped
+
+__all__ = ["EVALUATORS", "EvalContext", "EvalResult", "Evaluator", "Metric", "MetricSpec", "Skipped", "register"]
 
 if TYPE_CHECKING:
     from versavit.config import RunConfig
     from versavit.eval.candidates import Candidate
     from versavit.eval.datasets import Benchmark
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    """What a metric is: its label in tables, direction, display scale and format."""
-
-    label: str
-    higher_is_better: bool = True
-    scale: float = 100.0  # raw -> display (fractions -> %); 1 for metres
-    fmt: str = ".1f"
-
-    def display(self, value: float) -> float:
-        return float(value) * self.scale
-
-
-@dataclass(frozen=True)
-class Metric:
-    """One number of one evaluator on one benchmark for one backbone (raw value; `spec` says how to show it)."""
-
-    name: str  # e.g. "seg_miou", "accuracy", "recall@0.10"
-    value: float
-    spec: MetricSpec
-
-    @property
-    def display(self) -> float:
-        return self.spec.display(self.value)
-
-    @property
-    def finite(self) -> bool:
-        return isinstance(self.value, int | float) and math.isfinite(self.value)
-
-
-@dataclass
-class EvalResult:
-    """One evaluator's result for one backbone on one benchmark."""
-
-    evaluator: str
-    benchmark: str
-    backbone: str
-    metrics: list[Metric] = field(default_factory=list)
-    # what the evaluator's figure draws (images, predictions, matches: in memory) and files it wrote
-    artifacts: dict[str, Any] = field(default_factory=dict)
-    curves: dict[str, list[float]] = field(default_factory=dict)  # e.g. a probe's training loss per step
-    notes: list[str] = field(default_factory=list)
-    elapsed_s: float = 0.0
-
-    def add(self, name: str, value: float, spec: MetricSpec) -> None:
-        self.metrics.append(Metric(name, float(value), spec))
-
-    def value(self, name: str) -> float | None:
-        return next((m.value for m in self.metrics if m.name == name), None)
-
-    def as_dict(self) -> dict[str, float]:
-        """name -> raw value (what comparison.json stores)."""
-        return {m.name: m.value for m in self.metrics}
-
-
-class Skipped(Exception):
-    """An evaluator cannot score this backbone on this benchmark (no heads, no text embedder): a note, not a
-    failure of the stage."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from versavit.eval.evaluators.base import EvalResult, MetricSpec
+from versavit.eval.results import EvalResult, MetricSpec
 
 if TYPE_CHECKING:
     from versavit.eval.datasets.base import BenchmarkReader, Sample

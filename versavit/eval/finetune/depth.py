@@ -50,7 +50,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from versavit.data.tasks import image_tensor
-from versavit.eval.evaluators.base import EvalResult, MetricSpec
 from versavit.eval.finetune import common
 from versavit.eval.finetune.common import (
     Prefetch,
@@ -64,6 +63,7 @@ from versavit.eval.finetune.common import (
 )
 from versavit.eval.metrics import DepthMeter
 from versavit.eval.probe import sig_loss
+from versavit.eval.results import EvalResult, MetricSpec
 from versavit.models.backbone import VisionBackbone
 from versavit.models.heads.depth import DepthHead
 

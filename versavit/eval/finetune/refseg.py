@@ -60,7 +60,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from versavit.data.tasks import image_tensor
-from versavit.eval.evaluators.base import EvalResult, MetricSpec
 from versavit.eval.finetune import common
 from versavit.eval.finetune.common import (
     Prefetch,
@@ -72,6 +71,7 @@ from versavit.eval.finetune.common import (
     safe_name,
     shuffled,
 )
+from versavit.eval.results import EvalResult, MetricSpec
 from versavit.losses import SegmentationLoss
 from versavit.models.backbone import VisionBackbone
 from versavit.models.heads.refseg import RefSegHead
