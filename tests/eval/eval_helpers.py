@@ -53,6 +53,7 @@ def eval_overrides(workdir: Path) -> list[str]:
         "data.synthetic.samples_per_shard=8",
         *TINY_MODEL, f"model.heads.refseg.text_dim={EMB_DIM}",
         "eval.probe={seg_resolution: 56, depth_resolution: 56, epochs: 3, batch_size: 8, lr: 0.01}",
+        "eval.correspondence.resolutions={synthetic: 56}", "eval.correspondence.keypoints_per_pair=8",
         "tracking.experiment=eval-test",
     ]
 

@@ -26,7 +26,8 @@ BENCHMARK_LABELS = {"synthetic": "Synthetic", "ade20k": "ADE20k", "voc": "VOC", 
                     "nyu": "NYUv2", "kitti": "KITTI", "refcoco": "RefCOCO val", "refcoco+": "RefCOCO+ val",
                     "refcocog": "RefCOCOg val", "refcoco-testA": "RefCOCO testA", "refcoco-testB": "RefCOCO testB",
                     "refcoco+-testA": "RefCOCO+ testA", "refcoco+-testB": "RefCOCO+ testB",
-                    "refcocog-test": "RefCOCOg test", "da2k": "DA-2K", "navi": "NAVI", "spair": "SPair-71k"}
+                    "refcocog-test": "RefCOCOg test", "da2k": "DA-2K", "navi": "NAVI", "spair": "SPair-71k",
+                    "coco-karpathy": "COCO"}
 
 
 def _finite(v: Any) -> bool:

@@ -133,7 +133,7 @@ def _launch_local(cfg: RunConfig, stage: str, env: dict[str, str] | None, stream
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--max-restarts", "0",
            "--log-dir", str(log_dir), "--redirects", "3", "--tee", "0:3" if stream_output else "0",
-           "-m", entry_module(stage), "--stage", stage, "--config", str(config_path), "--variant", variant]
+           "-m", _entry(stage), "--stage", stage, "--config", str(config_path), "--variant", variant]
     run_env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": os.environ.get(
         "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))), "PYTHONUNBUFFERED": "1",
         lifeline.LAUNCHER_PID_ENV: str(os.getpid()), failures.FAILURE_DIR_ENV: str(failure_dir)}
@@ -155,6 +155,12 @@ def _launch_local(cfg: RunConfig, stage: str, env: dict[str, str] | None, stream
     if code != 0:
         raise rank_failure(name, log_dir, "".join(captured))
     return json.loads(storage.read_text(stage_manifest_url(cfg, stage, variant)))
+
+
+def _entry(stage: str) -> str:
+    """What each rank runs: ENTRY_MODULE for training stages (tests put a stand-in there), the evaluation's entry
+    for `eval-<evaluator>` jobs."""
+    return ENTRY_MODULE if entry_module(stage) == "versavit.train.entry" else entry_module(stage)
 
 
 def rank_failure(stage: str, log_dir: Path, torchrun_output: str) -> LaunchError:
