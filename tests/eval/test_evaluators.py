@@ -127,3 +127,33 @@ def test_training_evaluator_runs_as_its_own_launched_job(eval_run: Path) -> None
     assert rows == {("baseline", "finetune-depth"), ("trained", "finetune-depth")}
     done = json.loads((eval_run / "stages" / "eval-finetune-depth" / "stage.json").read_text())
     assert done["results_url"] == url
+
+
+def test_probe_and_zero_shot_metrics_perfect_vs_shuffled() -> None:
+    """The linear probe's mIoU and the zero-shot protocol's aligned AbsRel / delta1 cannot pass broken: the truth
+    scores perfectly, the same values shuffled over the pixels score near chance."""
+    import torch
+
+    from versavit.eval.metrics import DepthMeter, SegmentationMeter
+    from versavit.eval.zeroshot import aligned_depth
+
+    gen = torch.Generator().manual_seed(0)
+    classes = 6
+    seg = torch.randint(0, classes, (4, 32, 32), generator=gen)
+    perfect, shuffled = SegmentationMeter(classes), SegmentationMeter(classes)
+    perfect.update(seg, seg)
+    shuffled.update(seg.flatten()[torch.randperm(seg.numel(), generator=gen)].view_as(seg), seg)
+    assert perfect.compute()["miou"] == pytest.approx(1.0)
+    assert shuffled.compute()["miou"] < 1.5 / (2 * classes - 1) + 0.05  # chance IoU of uniform labels: 1/(2C-1)
+
+    yy, xx = torch.meshgrid(torch.linspace(1, 8, 32), torch.linspace(0, 1, 32), indexing="ij")
+    gt = (yy + xx).float()  # metres, a smooth scene
+    valid = torch.ones_like(gt, dtype=torch.bool)
+    for space, pred in (("depth", 3.0 * gt + 0.5), ("disparity", 2.0 / gt + 0.1)):  # right up to scale and shift
+        good, bad = DepthMeter(), DepthMeter()
+        good.update(aligned_depth(pred, gt, valid, space, 1e-3, 10.0), gt, valid)
+        mixed = pred.flatten()[torch.randperm(pred.numel(), generator=gen)].view_as(pred)
+        bad.update(aligned_depth(mixed, gt, valid, space, 1e-3, 10.0), gt, valid)
+        g, b = good.compute(), bad.compute()
+        assert g["absrel"] < 1e-4 and g["delta1"] == pytest.approx(1.0), space
+        assert b["absrel"] > 0.2 and b["delta1"] < 0.7, (space, b)
