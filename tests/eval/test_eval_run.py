@@ -89,7 +89,7 @@ def test_baseline_is_what_training_starts_from(eval_run: Path) -> None:
 
 
 def test_compare_named_exports_table4(eval_run: Path, tmp_path: Path) -> None:
-    cfg = eval_config(eval_run, "eval.probe.epochs=1")
+    cfg = eval_config(eval_run, "eval.probe.epochs=1", "eval.evaluators=[linear-probe, zero-shot-depth, refseg]")
     urls = {}
     for seed, (name, tasks) in enumerate((("caption", ("caption",)), ("caption+depth", ("caption", "depth")),
                                           ("all", ("caption", "depth", "refseg"))), start=5):
@@ -169,7 +169,9 @@ def test_published_layouts_end_to_end(eval_run: Path, tmp_path: Path, monkeypatc
             return np.stack([bag_of_words(t) for t in texts])
 
     monkeypatch.setattr(embed_module, "TextEmbedder", FakeEmbedder)
-    cfg = eval_config(eval_run, "eval.probe.epochs=1", "tracking.enabled=false")
+    cfg = eval_config(eval_run, "eval.probe.epochs=1", "tracking.enabled=false",
+                      "eval.evaluators=[linear-probe, zero-shot-depth, refseg]")  # the readers' test: the others
+                                                                                  # have theirs (tests/eval)
     specs = [f"ade20k={tmp_path / 'ade'}", f"nyu={tmp_path / 'nyu'}", f"refcoco={tmp_path / 'refer'}"]
     res = compare_backbones({"trained": f"{eval_run}/stages/multitask/export"}, cfg, benchmarks=specs,
                             out_dir=tmp_path / "report")

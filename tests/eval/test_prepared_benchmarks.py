@@ -110,7 +110,8 @@ def test_eval_on_prepared_benchmarks(eval_run: Path, tmp_path: Path, monkeypatch
     import versavit.labeling.embed as embed_module
 
     monkeypatch.setattr(embed_module, "TextEmbedder", FakeEmbedder)
-    cfg = eval_config(eval_run, "eval.probe.epochs=1", "tracking.enabled=false")
+    cfg = eval_config(eval_run, "eval.probe.epochs=1", "tracking.enabled=false",
+                      "eval.evaluators=[linear-probe, zero-shot-depth, refseg]")
     res = compare_backbones({"trained": f"{eval_run}/stages/multitask/export"}, cfg,
                             benchmarks=[f"nyu={tmp_path / 'nyuv2'}", f"refcoco={tmp_path / 'refcoco'}"],
                             out_dir=tmp_path / "report")

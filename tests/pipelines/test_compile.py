@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,10 +19,18 @@ ROOT = Path(__file__).resolve().parents[2]
 SECRET = "S3CR3T-VALUE-never-in-yaml"
 
 
+@functools.cache
+def _compiled_text(pipeline: str, config: str, overrides: tuple[str, ...]) -> str:
+    """Compiled once per (pipeline, config, overrides) in this process: the paper pipeline takes ~5 s to compile,
+    and several tests read the same one (every test of this module runs with the credentials in the env)."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / f"{pipeline}.yaml"
+        compile_pipeline(load_config(ROOT / config, list(overrides)), pipeline, str(out))
+        return out.read_text()
+
+
 def compiled(tmp_path: Path, pipeline: str, config: str = "configs/paper.yaml", *overrides: str) -> dict:
-    out = tmp_path / f"{pipeline}.yaml"
-    compile_pipeline(load_config(ROOT / config, list(overrides)), pipeline, str(out))
-    text = out.read_text()
+    text = _compiled_text(pipeline, config, overrides)
     assert SECRET not in text
     return yaml.safe_load_all(text).__next__() | {"_text": text}
 

@@ -17,7 +17,10 @@ from versavit.data.shards import read_manifest
 ROOT = Path(__file__).resolve().parents[2]
 SHORTER = ["train.warmup.max_steps=2", "train.multitask.max_steps=2", "launch.nproc_per_node=1",
            "eval.probe.epochs=1", "data.num_workers=0", "eval.finetune_depth.max_steps=2",
-           "eval.refseg_finetune.max_steps=2", "eval.correspondence.navi_num_corr=100"]
+           "eval.refseg_finetune.max_steps=2", "eval.correspondence.navi_num_corr=100",
+           # the inference protocols on every benchmark; the training ones (fine-tunes, retrieval) have tests of
+           # their own on stand-ins of the same formats (tests/eval), and run in the measured rehearsal (README)
+           "eval.evaluators=[linear-probe, zero-shot-depth, da2k, refseg, correspondence]"]
 
 
 @pytest.mark.slow
@@ -72,7 +75,7 @@ def test_the_paper_chain_runs_on_its_stand_ins(tmp_path: Path, monkeypatch: pyte
     assert json.loads(storage.read_text(warm))["steps"] == 2
     # every evaluator of the paper run, in one process here (the pipeline's fan-out into one step per evaluator,
     # and the fine-tunes as launched jobs, are tested in tests/test_pipeline_full.py and tests/eval/test_evaluators.py)
-    assert cfg.eval.evaluators == paper.eval.evaluators and len(cfg.eval.evaluators) == 8
+    assert set(cfg.eval.evaluators) < set(paper.eval.evaluators) and len(paper.eval.evaluators) == 8
     report = stage_eval_manifests(cfg, [multi])
     md = (Path(report) / "comparison.md").read_text()
     sections = md.split("\n## ")
@@ -82,10 +85,7 @@ def test_the_paper_chain_runs_on_its_stand_ins(tmp_path: Path, monkeypatch: pyte
                           ("DA-2K", ("DA-2K pair accuracy",)),
                           ("Referring segmentation, multi-task head", ("RefCOCO val cIoU", "RefCOCO testA cIoU",
                                                                         "RefCOCO testB cIoU")),
-                          ("Fine-tuned metric depth", ("NYUv2 AbsRel", "KITTI AbsRel")),
-                          ("Referring segmentation, fine-tuned", ("RefCOCO val cIoU", "RefCOCO testB cIoU")),
-                          ("3D correspondence", ("NAVI recall", "SPair-71k recall")),
-                          ("Image-text retrieval", ("COCO",))):
+                          ("3D correspondence", ("NAVI recall", "SPair-71k recall"))):
         section = next((s for s in sections if s.startswith(title)), None)
         assert section is not None, (title, md)
         for label in labels:
