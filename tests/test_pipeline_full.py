@@ -39,7 +39,7 @@ def test_whole_local_pipeline_tracks_every_stage(local_pipeline: PipelineRun) ->
         assert len(history) == 6
     evaluation = children["eval"].data.metrics
     for key in ("linear-probe/synthetic/seg_miou", "linear-probe/synthetic/depth_rmse",
-                "zero-shot-depth/synthetic/absrel", "refseg/synthetic/ciou", "da2k/synthetic/accuracy"):
+                "refseg/synthetic/ciou", "da2k/synthetic/accuracy"):
         assert f"trained/{key}" in evaluation, sorted(evaluation)
     report = json.loads((workdir / "reports" / "eval" / "comparison.json").read_text())
     assert report  # the comparison table exists as JSON (and markdown beside it)

@@ -201,7 +201,8 @@ def test_run_eval_with_stage_exports(eval_run: Path, tmp_path: Path) -> None:
 
     workdir = tmp_path / "ablation"
     shutil.copytree(eval_run / "data", workdir / "data")
-    cfg = eval_config(workdir, "eval.probe.epochs=1", "tracking.enabled=false")
+    cfg = eval_config(workdir, "eval.probe.epochs=1", "tracking.enabled=false",
+                      "eval.evaluators=[linear-probe, zero-shot-depth, refseg]")
     exports = {}
     for seed, (variant, tasks) in enumerate((("caption", ("caption",)), ("all", ("caption", "depth", "refseg")))):
         exports[variant] = str(workdir / "stages" / f"multitask-{variant}" / "export")

@@ -116,7 +116,7 @@ def test_parent_run_identity_and_headline_metrics(runs: dict[str, Any], local_pi
         trained, baseline = metrics[key], metrics[f"{key}/baseline"]
         assert metrics[f"{key}/delta"] == pytest.approx(trained - baseline, abs=0.011)  # each rounded
     assert 1 < metrics["linear-probe/synthetic/depth_delta1"] <= 100  # percent, not a fraction
-    assert {"zero-shot-depth/synthetic/absrel", "refseg/synthetic/ciou"} <= set(metrics)
+    assert {"da2k/synthetic/accuracy", "refseg/synthetic/ciou"} <= set(metrics)
     evaluation = next(r for r in runs["runs"] if _tags(r).get("versavit.stage") == "eval")
     assert _metrics(evaluation)["trained/linear-probe/synthetic/seg_miou"] == pytest.approx(  # the eval run: unrounded
         metrics["linear-probe/synthetic/seg_miou"], abs=0.005)

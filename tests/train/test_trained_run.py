@@ -55,7 +55,7 @@ def test_the_trained_export_is_evaluated_with_its_heads(trained_run: Path) -> No
 
     cfg = tiny_config(trained_run, "eval.probe.seg_resolution=56", "eval.probe.depth_resolution=56",
                       "eval.probe.epochs=2", "eval.probe.batch_size=8",
-                      "eval.correspondence.resolutions={synthetic: 56}")
+                      "eval.evaluators=[linear-probe, zero-shot-depth, refseg]")
     result = run_eval(cfg)
     trained = result["metrics"]["trained"]["synthetic"]
     for key in ("linear-probe/seg_miou", "linear-probe/depth_rmse", "zero-shot-depth/absrel", "refseg/ciou"):
