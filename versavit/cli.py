@@ -720,7 +720,7 @@ def _list_evaluators(config: Path | None, overrides: list[str] | None) -> None:
         picked = list(_load(config, overrides).eval.evaluators)
     table = Table(title="evaluators (eval.evaluators picks them; --evaluator NAME runs one)")
     for col in ("evaluator", "kind", "paper", "benchmarks", "metrics", "in config"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col == "evaluator")  # names whole, to copy into a config
     for name, cls in all_evaluators().items():
         metrics = ", ".join(f"{k} ({v.label})" for k, v in cls.metric_specs.items())
         table.add_row(name, cls.kind, cls.paper_table, cls.benchmarks_help, metrics, "yes" if name in picked else "")
