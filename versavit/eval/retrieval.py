@@ -46,7 +46,6 @@ bf16 autocast (pooling, projections and loss in fp32). One process, one device: 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import json
@@ -65,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from versavit.data.tasks import image_tensor
+from versavit.eval.finetune.common import bf16_autocast, deterministic, relative_change
 from versavit.eval.results import EvalResult, MetricSpec
 from versavit.models.backbone import VisionBackbone
 
@@ -258,7 +258,7 @@ class TextTower(nn.Module):
         inputs = self.tokenizer(list(texts), padding="max_length", max_length=self.max_length, truncation=True,
                                 return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-        with _autocast(self.device):
+        with bf16_autocast(self.device):
             return self.model(**inputs).pooler_output.float()
 
 
@@ -414,7 +414,7 @@ class RetrievalModel(nn.Module):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, R, R] in [0, 1] -> L2-normalised [B, embed_dim]."""
         grad = self.train_backbone and torch.is_grad_enabled()
-        with torch.set_grad_enabled(grad), _autocast(images.device):
+        with torch.set_grad_enabled(grad), bf16_autocast(images.device):
             maps = self.backbone(images).maps
         tokens = maps.flatten(2).transpose(1, 2).float()  # [B, h*w, D]: the final layer's patch tokens
         return F.normalize(self.pool(tokens), dim=-1)
@@ -595,28 +595,6 @@ def training_urls(benchmark: Benchmark, cfg: RunConfig) -> list[str]:
 # training and scoring
 
 
-@contextlib.contextmanager
-def _deterministic(seed: int, algorithms: bool = True) -> Iterator[None]:
-    """Seeded work that leaves the caller's RNG state and determinism flags as they were (deterministic algorithms
-    on the CPU only: on a GPU they would cost speed)."""
-    flag, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if algorithms:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        try:
-            yield
-        finally:
-            torch.use_deterministic_algorithms(flag, warn_only=warn)
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on a GPU that has it; fp32 on the CPU."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _batches(pairs: Iterable[tuple[torch.Tensor, str]], batch_size: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """Full batches only: the sigmoid loss's negatives are the batch."""
     images: list[torch.Tensor] = []
@@ -750,17 +728,6 @@ def examples(embedded: Embedded, n: int = EXAMPLES, top: int = TOP) -> dict[str,
     return out
 
 
-def _relative_change(before: dict[str, torch.Tensor], module: nn.Module) -> float:
-    """||w_after - w_before|| / ||w_before|| over the tensors in `before`."""
-    num = den = 0.0
-    for name, p in module.named_parameters():
-        if name in before:
-            w0 = before[name].double()
-            num += float((p.detach().cpu().double() - w0).pow(2).sum())
-            den += float(w0.pow(2).sum())
-    return math.sqrt(num) / max(math.sqrt(den), 1e-30)
-
-
 @dataclass
 class TrainedVariant:
     """One variant trained for one candidate: the model, its loss curve and how far the ViT moved."""
@@ -777,11 +744,11 @@ def train_variant(candidate: Candidate, text: TextTower, variant: str, pairs: Ca
                   settings: RetrievalSettings, device: torch.device, gradient_checkpointing: bool = False
                   ) -> TrainedVariant:
     """Build and train one variant for `candidate` (seeded; the caller's RNG state kept)."""
-    with _deterministic(settings.seed, algorithms=device.type == "cpu"):
+    with deterministic(settings.seed, algorithms=device.type == "cpu"):
         model = build_model(candidate, text, variant, settings, gradient_checkpointing)
         before = {n: p.detach().cpu().clone() for n, p in model.backbone.named_parameters()}
         losses = train_retrieval_model(model, pairs, settings, variant, device, label=candidate.name)
-        update = _relative_change(before, model.backbone)
+        update = relative_change(before, model.backbone)
     return TrainedVariant(variant, model, losses, update, list(pairs.urls), text.source)
 
 
@@ -791,7 +758,7 @@ def score(trained: Sequence[TrainedVariant], benchmark: Benchmark, candidate_nam
     result = EvalResult(EVALUATOR, benchmark.name, candidate_name)
     reader = scoring_reader(benchmark)
     for tv in sorted(trained, key=lambda t: VARIANTS.index(t.variant)):
-        with _deterministic(settings.seed, algorithms=device.type == "cpu"):
+        with deterministic(settings.seed, algorithms=device.type == "cpu"):
             embedded = embed_split(tv.model, reader, settings.resolution, settings.batch_size, device)
         for key, value in embedded.metrics().items():
             direction, k = key.split("_r")

@@ -33,11 +33,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from versavit.eval.finetune.common import deterministic
 from versavit.eval.results import EvalResult, MetricSpec
 from versavit.eval.vqa.data import QAExample, eval_examples
 from versavit.eval.vqa.metrics import accuracy, accuracy_by_category
 from versavit.eval.vqa.predictions import prediction_file_name, write_predictions
-from versavit.eval.vqa.train import VqaSettings, build_vqa_model, predict, seeded, train_two_stages
+from versavit.eval.vqa.train import VqaSettings, build_vqa_model, predict, train_two_stages
 
 if TYPE_CHECKING:
     from versavit.config import RunConfig
@@ -115,7 +116,7 @@ def vqa_eval(candidate: Candidate, benchmark: Benchmark, cfg: RunConfig, device:
     questions = evaluation_questions(benchmark, settings)
     started = time.monotonic()
     result = EvalResult(EVALUATOR, benchmark.name, candidate.name)
-    with seeded(settings.seed, algorithms=device.type == "cpu"):
+    with deterministic(settings.seed, algorithms=device.type == "cpu"):
         model = build_vqa_model(candidate, cfg, settings).to(device)
         model.head.set_gradient_checkpointing(cfg.model.heads.caption.gradient_checkpointing)
         before = backbone_digest(model.backbone)

@@ -20,12 +20,11 @@ as it was. Images at the caption task's dynamic resolution (`train.resolution.ca
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -122,21 +121,6 @@ def build_vqa_model(candidate: Candidate, cfg: RunConfig, settings: VqaSettings)
 # training
 
 
-@contextlib.contextmanager
-def seeded(seed: int, algorithms: bool = True) -> Iterator[None]:
-    """Seeded work that leaves the caller's RNG state and determinism flags as they were; with `algorithms`,
-    torch's deterministic algorithms too (on the CPU)."""
-    flag, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if algorithms:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        try:
-            yield
-        finally:
-            torch.use_deterministic_algorithms(flag, warn_only=warn)
-
-
 def lr_factor(progress: float, warmup_ratio: float, schedule: str = "cosine") -> float:
     """LR multiplier at `progress` (0..1) through a stage: linear warm-up over `warmup_ratio`, then cosine to 0 (or
     constant), versavit.train.optim.warmup_cosine in fractions of the stage (one epoch's length is known in
@@ -223,5 +207,5 @@ def predict(model: VqaModel, examples: Sequence[QAExample], batch_size: int,
     return out
 
 
-__all__ = ["VqaSettings", "build_vqa_model", "describe_protocol", "lr_factor", "predict", "seeded",
+__all__ = ["VqaSettings", "build_vqa_model", "describe_protocol", "lr_factor", "predict",
            "train_stage", "train_two_stages"]
