@@ -15,21 +15,22 @@ PIP    := $(PY) -m pip install -q --disable-pip-version-check
 
 # torch==2.13.0 goes in first, with pip: a bare `torch` requirement would pull a multi-GB CUDA build
 # on a CPU machine (a GPU box gets PyPI's CUDA build of the same version). Then everything else
-# exactly as locked, installed by uv at the lock's own version (11 s here against pip's 2.5 min; it
+# exactly as locked (--no-deps: the lock is complete, and leaves out what requirements/overrides.txt drops), installed
+# by uv at the lock's own version (11 s here against pip's 2.5 min; it
 # keeps the torch already installed; bytecode compiled at install, as pip does: with
 # PYTHONDONTWRITEBYTECODE set, every process would otherwise recompile mlflow, transformers, ... and
 # the suite took 1.5x as long), then versavit itself without dependencies. The stamp makes
 # set-up idempotent and instant once done; it is redone when pyproject.toml or the lock changes.
 UV     := $(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY)
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml $(LOCK) requirements/overrides.txt
 	@test -f $(LOCK) || { echo "error: no lock for Python $(PYVER) ($(LOCK)); supported: $(LOCK_PYTHONS). Use PYTHON=python3.X" >&2; exit 2; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) pip==$(PIP_VERSION)
 	$(PIP) -r requirements/torch.txt
 	$(PIP) -c $(LOCK) uv
-	$(UV) -r $(LOCK)
+	$(UV) --no-deps -r $(LOCK)
 	$(UV) --no-deps -e .
-	$(PY) -m pip check --disable-pip-version-check
+	$(PY) requirements/check_installed.py
 	@touch $(STAMP)
 
 $(LOCK):
@@ -70,8 +71,8 @@ LOCK_FLAGS ?=
 lock: setup
 	@for v in $(LOCK_PYTHONS); do \
 	  echo "resolving requirements/lock-py$$v.txt"; \
-	  $(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra mlflow-server --python-version $$v \
-	    --python-platform x86_64-manylinux_2_28 --override requirements/torch.txt \
+	  $(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra mlflow-server --extra lmms-eval --python-version $$v \
+	    --python-platform x86_64-manylinux_2_28 --override requirements/torch.txt --override requirements/overrides.txt \
 	    --no-header --quiet $(LOCK_FLAGS) -o requirements/lock-py$$v.txt || exit 1; \
 	done
 

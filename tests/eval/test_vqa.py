@@ -100,8 +100,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def trained(world: dict[str, Any]) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # module scope: built before the autouse one-thread fixture applies
+    cfg = world["cfg"].model_copy(deep=True)
+    cfg.eval.vqa.lmms_tasks = ["local"]  # scored by lmms-eval as well: its own questions as a local task
     try:
-        evaluator = get("vqa")(EvalContext(world["cfg"], world["workdir"] / "cache", world["workdir"] / "report",
+        evaluator = get("vqa")(EvalContext(cfg, world["workdir"] / "cache", world["workdir"] / "report",
                                            device="cpu"))
         result = evaluator.run(world["cand"], world["bench"])
     finally:
@@ -315,3 +317,31 @@ def test_lmms_adapter_scores_what_the_evaluator_scores(trained: dict[str, Any], 
     direct = lm.loglikelihood([Request((docs[0]["question"], docs[0]["answer"], functions["doc_to_visual"], 0, task,
                                         "test"))])
     assert by_target == direct
+
+
+def test_lmms_eval_scores_the_trained_mllm_end_to_end(trained: dict[str, Any], world: dict[str, Any],
+                                                      tmp_path: Path) -> None:
+    """lmms-eval itself (simple_evaluate, its TaskManager, `datasets` reading the local JSON-lines task, its
+    aggregation) on the saved MLLM: the same answers and score as the evaluator's, logged among its metrics."""
+    from lmms_eval.evaluator import simple_evaluate  # noqa: F401 - the real lmms-eval, from the lock
+
+    assert lmms_adapter.HAVE_LMMS_EVAL
+    result = trained["result"]
+    task = "versavit_synthetic_vqa"
+    # inside the evaluator (eval.vqa.lmms_tasks: [local]): the score is a metric of the result
+    assert result.value(f"lmms_{task}_exact_match") == pytest.approx(result.value("accuracy"))
+    assert result.artifacts["lmms_eval"] == {task: {"exact_match": pytest.approx(result.value("accuracy"))}}
+    written = Path(result.artifacts["model"]).parent / "lmms-task" / f"{task}.yaml"
+    assert written.is_file() and (written.parent / "hf-datasets-cache").is_dir()  # datasets' cache kept local
+
+    # from the saved model folder, as `--model versavit_vqa --model_args pretrained=...` would load it
+    questions = evaluation_questions(world["bench"], VqaSettings.from_config(world["cfg"]))[:24]
+    task_yaml = lmms_adapter.write_lmms_task(questions, tmp_path / "task", task="versavit_first24", max_new_tokens=16)
+    raw = lmms_adapter.run_lmms_eval(result.artifacts["model"], task_yaml, batch_size=8)
+    samples = raw["samples"]["versavit_first24"]
+    tsv = {int(r["index"]): r for r in read_predictions(Path(result.artifacts["predictions"]))}
+    answers = {int(s["doc"]["index"]): s["filtered_resps"][0] for s in samples}
+    assert sorted(answers) == list(range(24))
+    assert all(answers[i] == tsv[i]["prediction"] for i in answers)  # lmms-eval's answers are the evaluator's
+    expected = np.mean([exact_match(tsv[i]["prediction"], tsv[i]["answer"]) for i in range(24)])
+    assert lmms_adapter.task_scores(raw) == {"versavit_first24": {"exact_match": pytest.approx(expected)}}

@@ -696,6 +696,11 @@ class VqaConfig(Strict):
     max_questions: int | None = Field(None, ge=1, description="score only the evaluation split's first this many "
                                       "questions; None = all")
     max_new_tokens: int = Field(16, ge=1, description="greedy answer length cap")
+    lmms_tasks: list[str] = Field(default_factory=list, description="lmms-eval tasks the trained MLLM is also scored "
+                                  "on, through lmms-eval itself (extra `lmms-eval`), their scores logged as metrics "
+                                  "lmms_<task>_<metric>: task names of lmms-eval's registry (e.g. mmstar, ai2d; "
+                                  "downloaded from the hub by lmms-eval) or `local`, the benchmark's own evaluation "
+                                  "questions written as a local lmms-eval task (no download)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of both stages (LLaVA's recipe: 0)")
     log_every: int = Field(50, ge=1, description="a progress log line every this many optimiser steps")
     in_memory: int = Field(1024, ge=0, description="a training set of at most this many images is read once and "

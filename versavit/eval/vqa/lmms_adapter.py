@@ -24,7 +24,11 @@ mean over the task equals the evaluator's accuracy on the same questions.
 
 lmms-eval is optional: without it installed, this module still imports (a stand-in base class with lmms'
 constructor state), so the adapter's methods can be called directly with Instance-like objects (anything with
-`args`); `run_lmms_eval` needs lmms-eval itself.
+`args`); `run_lmms_eval` needs lmms-eval itself (the lock has it: extra `lmms-eval`, without the dependencies of
+lmms-eval's other models and tasks, requirements/overrides.txt).
+
+The `vqa` evaluator calls `run_lmms_eval` on `eval.vqa.lmms_tasks` after training (`local`: its own evaluation
+questions as a task written by `write_lmms_task`) and logs `task_scores` as its metrics lmms_<task>_<metric>.
 """
 
 from __future__ import annotations
@@ -176,6 +180,7 @@ def _task_yaml(task: str, docs: Path, max_new_tokens: int) -> str:
         "dataset_kwargs:",
         "  data_files:",
         f"    test: {json.dumps(str(docs))}",
+        f"  cache_dir: {json.dumps(str(docs.parent / 'hf-datasets-cache'))}",  # datasets' cache beside the task
         "test_split: test",
         "output_type: generate_until",
         f"doc_to_visual: {fn}.doc_to_visual",
@@ -223,22 +228,44 @@ def read_task_docs(yaml_path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in docs.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def run_lmms_eval(model: str | Path | VqaModel, task_yaml: str | Path, device: str = "cpu",
-                  batch_size: int = 8) -> dict[str, Any]:
-    """lmms-eval's own evaluator (`simple_evaluate`) on a task written by `write_lmms_task` (its folder as the
-    task path, lmms-eval's built-in tasks not indexed); returns lmms-eval's results dict. Needs lmms-eval."""
-    from lmms_eval.evaluator import simple_evaluate
-    from lmms_eval.tasks import TaskManager
+def run_lmms_eval(model: str | Path | VqaModel, tasks: str | Path | Sequence[str | Path], device: str = "cpu",
+                  batch_size: int = 8, limit: int | None = None) -> dict[str, Any]:
+    """lmms-eval's own evaluator (`simple_evaluate`) on `tasks`: task YAMLs written by `write_lmms_task` (their
+    folders as the task path) and/or task names of lmms-eval's registry (its built-in tasks, which lmms-eval
+    downloads from the hub). Returns lmms-eval's results dict. Needs lmms-eval (extra `lmms-eval`)."""
+    try:
+        from lmms_eval.evaluator import simple_evaluate
+        from lmms_eval.tasks import TaskManager
+    except ImportError as e:
+        raise RuntimeError(f"scoring with lmms-eval needs lmms-eval installed (pip install 'versavit[lmms-eval]' "
+                           f"with the lock's versions: make setup does): {e}") from e
 
-    task_yaml = Path(task_yaml)
-    task = task_yaml.stem
+    tasks = [tasks] if isinstance(tasks, str | Path) else list(tasks)
+    local = [Path(t) for t in tasks if str(t).endswith((".yaml", ".yml"))]
+    names = [p.stem for p in local] + [str(t) for t in tasks if not str(t).endswith((".yaml", ".yml"))]
     register_lmms_model()
     lm = VersaViTVQA(model=model if isinstance(model, VqaModel) else VqaModel.load(model, device),
                      batch_size=batch_size)
-    manager = TaskManager(include_path=str(task_yaml.parent), include_defaults=False)
-    return simple_evaluate(model=lm, tasks=[task], task_manager=manager, batch_size=batch_size, device=device,
-                           log_samples=True, bootstrap_iters=0)
+    folders = sorted({str(p.parent) for p in local})
+    # lmms-eval's own tasks are indexed only when a registry task is asked for (indexing them all takes seconds)
+    manager = TaskManager(include_path=folders or None, include_defaults=len(local) < len(tasks))
+    return simple_evaluate(model=lm, tasks=names, task_manager=manager, batch_size=batch_size, device=device,
+                           limit=limit, log_samples=True, bootstrap_iters=0)
+
+
+def task_scores(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} of lmms-eval's results dict: the numeric metrics (`"<metric>,<filter>"` keys, the
+    filter dropped when it is lmms-eval's default "none"), without their standard errors."""
+    out: dict[str, dict[str, float]] = {}
+    for task, row in (results.get("results") or {}).items():
+        for key, value in row.items():
+            metric, _, filt = key.partition(",")
+            if "_stderr" in metric or key == "alias" or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            out.setdefault(task, {})[metric if filt in ("", "none") else f"{metric}_{filt}"] = float(value)
+    return out
 
 
 __all__ = ["HAVE_LMMS_EVAL", "MODEL_NAME", "TASK_METRIC", "VersaViTVQA", "doc_to_text", "doc_to_visual",
-           "process_results", "read_task_docs", "register_lmms_model", "run_lmms_eval", "write_lmms_task"]
+           "process_results", "read_task_docs", "register_lmms_model", "run_lmms_eval", "task_scores",
+           "write_lmms_task"]

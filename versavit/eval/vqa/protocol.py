@@ -8,6 +8,7 @@ One library call per (backbone, benchmark), `vqa_eval`, returning an EvalResult:
                  stage 2's training data (versavit.eval.vqa.metrics.AnswerPrior)
     acc_<kind>   accuracy per question kind (synthetic world: count, color, shape, spatial)
     curves       stage1_loss, stage2_loss (per optimiser step)
+    lmms_<task>_<metric>  with `eval.vqa.lmms_tasks`: lmms-eval's scores of the trained MLLM (lmms_adapter)
     artifacts    predictions (the .tsv), model (the saved MLLM folder), backbone_unchanged (the backbone's weights
                  digest equal before and after training), examples (a few images, questions, answers, predictions),
                  prior, settings
@@ -156,12 +157,48 @@ def vqa_eval(candidate: Candidate, benchmark: Benchmark, cfg: RunConfig, device:
         saved = model.cpu().save(folder / "model", backbone=candidate.source, benchmark=benchmark.name,
                                  llm=settings.llm)
         result.artifacts.update({"predictions": str(tsv), "model": str(saved)})
+    if settings.lmms_tasks:
+        lmms_eval_scores(result, model.to(device), questions, benchmark.name, settings,
+                         Path(out_dir) / f"{_safe(benchmark.name)}-{_safe(candidate.name)}" if out_dir else None)
     result.elapsed_s = time.monotonic() - started
     log.info("vqa %s on %s: accuracy %.1f%% (chance %.1f%%, %d questions, %.0f s)", candidate.name, benchmark.name,
              100 * acc, 100 * chance, len(questions), result.elapsed_s)
     if out_dir is not None:
         write_result(result, Path(out_dir))
     return result
+
+
+def lmms_eval_scores(result: EvalResult, model: Any, questions: list[QAExample], benchmark: str,
+                     settings: VqaSettings, folder: Path | None) -> dict[str, dict[str, float]]:
+    """Score the trained MLLM with lmms-eval on `settings.lmms_tasks` (`local`: `questions` as a local task written
+    under `folder`, a temporary one without) and add the scores to `result` as lmms_<task>_<metric>."""
+    import tempfile
+
+    from versavit.eval.vqa import lmms_adapter
+
+    with tempfile.TemporaryDirectory(prefix="versavit-lmms-") as tmp:
+        tasks: list[str | Path] = []
+        for task in settings.lmms_tasks:
+            if task == "local":
+                tasks.append(lmms_adapter.write_lmms_task(
+                    questions, Path(folder or tmp) / "lmms-task", task=f"versavit_{_safe(benchmark)}_vqa",
+                    max_new_tokens=settings.max_new_tokens))
+            else:
+                tasks.append(task)
+        was_training = model.training
+        raw = lmms_adapter.run_lmms_eval(model, tasks, device=str(next(model.parameters()).device),
+                                         batch_size=settings.batch_size)
+        model.train(was_training)
+    scores = lmms_adapter.task_scores(raw)
+    for task, metrics in scores.items():
+        for metric, value in metrics.items():
+            result.add(f"lmms_{_safe(task)}_{_safe(metric)}", value,
+                       MetricSpec(f"lmms-eval {task}: {metric}", scale=1.0, fmt=".3f"))
+    result.artifacts["lmms_eval"] = scores
+    result.notes.append("lmms-eval: " + "; ".join(f"{t} " + ", ".join(f"{m} {v:.4g}" for m, v in ms.items())
+                                                  for t, ms in scores.items()))
+    log.info("vqa %s on %s, lmms-eval: %s", result.backbone, benchmark, scores)
+    return scores
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,5 +247,6 @@ def load_result(path: Path) -> EvalResult:
     return result
 
 
-__all__ = ["EVALUATOR", "METRIC_SPECS", "evaluation_questions", "is_vqa_benchmark", "load_result", "result_path",
+__all__ = ["EVALUATOR", "METRIC_SPECS", "evaluation_questions", "is_vqa_benchmark", "lmms_eval_scores",
+           "load_result", "result_path",
            "training_urls", "vqa_eval", "write_result"]

@@ -56,6 +56,7 @@ class VqaSettings:
     qa_kinds: tuple[str, ...]
     max_questions: int | None
     max_new_tokens: int
+    lmms_tasks: tuple[str, ...]
     min_side: int
     max_side: int
     weight_decay: float
@@ -74,7 +75,8 @@ class VqaSettings:
         return cls(llm=v.llm or cfg.model.heads.caption.llm, stage1_lr=v.stage1_lr, stage2_lr=v.stage2_lr,
                    stage1_steps=v.stage1_steps, stage2_steps=v.stage2_steps, stage1_data=tuple(v.stage1_data),
                    stage2_data=tuple(v.stage2_data), batch_size=v.batch_size, qa_kinds=tuple(v.qa_kinds),
-                   max_questions=v.max_questions, max_new_tokens=v.max_new_tokens, min_side=res.caption_min,
+                   max_questions=v.max_questions, max_new_tokens=v.max_new_tokens,
+                   lmms_tasks=tuple(v.lmms_tasks), min_side=res.caption_min,
                    max_side=res.caption_max, weight_decay=v.weight_decay, betas=tuple(optim.betas),
                    warmup_ratio=optim.warmup_ratio, schedule=optim.schedule, grad_clip=optim.grad_clip,
                    shuffle_buffer=cfg.data.shuffle_buffer, log_every=v.log_every, in_memory=v.in_memory,
@@ -95,7 +97,8 @@ def describe_protocol(s: VqaSettings) -> str:
             f"{steps(s.stage1_steps)}), stage 2 projector + LLM on VQA pairs{kinds} (lr {s.stage2_lr:g}, "
             f"{steps(s.stage2_steps)}), AdamW, batch {s.batch_size}, images {s.min_side}-{s.max_side} px; greedy "
             "answers scored by exact match after the VQA evaluation's normalisation; chance = the commonest training "
-            "answer of each question kind.")
+            "answer of each question kind."
+            + (f" Also scored with lmms-eval on: {', '.join(s.lmms_tasks)}." if s.lmms_tasks else ""))
 
 
 # ------------------------------------------------------------------------------------------------
