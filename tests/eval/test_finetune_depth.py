@@ -27,6 +27,9 @@ from versavit.eval.finetune.depth import (
 )
 from versavit.models.backbone import VisionBackbone
 
+# one worker runs the module (make test: xdist), so its trained models (module fixtures) are built once
+pytestmark = pytest.mark.xdist_group("finetune_depth")
+
 SCHEDULE = ("eval.finetune_depth={resolution: 56, batch_size: 8, epochs: 20, max_steps: 36, lr_backbone: 1.0e-3, "
             "lr_head: 3.0e-3, log_every: 12}")
 
@@ -123,7 +126,8 @@ def test_finetuning_lowers_absrel_and_moves_the_backbone(world: dict[str, Any], 
     files = sorted(p.name for p in tuned["out"].iterdir())
     assert files == ["finetune-depth-synthetic-tiny.json", "finetune-depth-synthetic-tiny.npz"]
     doc = json.loads((tuned["out"] / files[0]).read_text())
-    assert doc["metrics"]["absrel"]["value"] == after["absrel"] and doc["artifacts"]["head"] == "fresh"
+    metrics = {m["name"]: m for m in doc["metrics"]}
+    assert metrics["absrel"]["value"] == after["absrel"] and doc["artifacts"]["head"] == "fresh"
     back = load_result(tuned["out"] / files[0])
     assert back.as_dict() == after and back.curves == result.curves
     assert np.array_equal(back.artifacts["examples"]["pred"][1], ex["pred"][1])

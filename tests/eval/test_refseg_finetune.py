@@ -23,6 +23,9 @@ from versavit.eval.evaluators import EvalContext, Skipped, get
 from versavit.eval.finetune import refseg as rf
 from versavit.models.multitask import VersaViT
 
+# one worker runs the module (make test: xdist), so its trained models (module fixtures) are built once
+pytestmark = pytest.mark.xdist_group("refseg_finetune")
+
 STEPS = 60  # enough for a tiny random model to find one object per image (cIoU ~4% -> ~20%)
 
 

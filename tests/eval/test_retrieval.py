@@ -27,6 +27,9 @@ from versavit.eval.candidates import baseline_candidate, trained_candidate
 from versavit.eval.datasets import Benchmark, CocoKarpathy, PreparedCocoKarpathy, open_benchmark
 from versavit.eval.evaluators import EvalContext, get
 
+# one worker runs the module (make test: xdist), so its trained models (module fixtures) are built once
+pytestmark = pytest.mark.xdist_group("retrieval")
+
 SEED = 4
 CPU = torch.device("cpu")
 

@@ -41,6 +41,9 @@ from versavit.eval.vqa.train import VqaSettings, build_vqa_model, lr_factor, tra
 from versavit.layout import synthetic_root
 from versavit.models.backbone import VisionBackbone
 
+# one worker runs the module (make test: xdist), so its trained models (module fixtures) are built once
+pytestmark = pytest.mark.xdist_group("vqa")
+
 WORLD = ("data.synthetic={num_train: 384, num_val: 64, image_size: 112, min_objects: 1, max_objects: 1, "
          "samples_per_shard: 64}")
 SIZES = ("train.resolution={caption_max: 112, caption_min: 56, depth: 56, refseg: 56}",

@@ -27,6 +27,9 @@ from versavit.labeling.describe import (
     resolve_mode,
 )
 
+# one worker runs the module (make test: xdist), so its module fixtures are built once
+pytestmark = pytest.mark.xdist_group("describe")
+
 
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:

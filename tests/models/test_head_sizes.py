@@ -18,6 +18,9 @@ from versavit.models.heads.caption import Projector
 from versavit.models.heads.depth import DepthHead
 from versavit.models.heads.refseg import RefSegHead
 
+# one worker runs the module (make test: xdist), so its module fixtures are built once
+pytestmark = pytest.mark.xdist_group("head_sizes")
+
 ROOT = Path(__file__).resolve().parents[2]
 MI = 2**20
 QWEN3_1_7B_HIDDEN = 2048  # Qwen/Qwen3-1.7B config.json hidden_size: the projector's output

@@ -25,6 +25,9 @@ from versavit.labeling.tiny import save_tiny_qwen2_vl_describer  # noqa: E402
 from versavit.models.backbone import VisionBackbone  # noqa: E402
 from versavit.models.mllm import RECORD, export_mllm  # noqa: E402
 
+# one worker runs the module (make test: xdist), so its module fixtures are built once
+pytestmark = pytest.mark.xdist_group("mllm_export")
+
 ROOT = Path(__file__).resolve().parents[2]
 KINDS = ("qwen2_vl", "qwen2_5_vl")
 

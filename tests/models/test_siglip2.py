@@ -24,6 +24,9 @@ from versavit.config import ConfigError, load_config  # noqa: E402
 from versavit.config.schema import BackboneConfig  # noqa: E402
 from versavit.models.backbone import Siglip2Backbone, VisionBackbone  # noqa: E402
 
+# one worker runs the module (make test: xdist), so its module fixtures are built once
+pytestmark = pytest.mark.xdist_group("siglip2")
+
 ROOT = Path(__file__).resolve().parents[2]
 D, DEPTH, HEADS = 32, 3, 2
 SIGLIP2 = [*TINY_MODEL, "model.backbone.kind=siglip2",

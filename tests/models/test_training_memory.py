@@ -24,6 +24,9 @@ from versavit.models.heads.caption import tiny_llm_config  # noqa: E402
 from versavit.models.tokenizer import IM_END, build_tiny_tokenizer  # noqa: E402
 from versavit.train.loop import TRAINED_STATE, build_stage_model, plan_stage  # noqa: E402
 
+# one worker runs the module (make test: xdist), so its module fixtures are built once
+pytestmark = pytest.mark.xdist_group("training_memory")
+
 ROOT = Path(__file__).resolve().parents[2]
 D, DEPTH, HEADS = 32, 3, 2  # TINY_MODEL's backbone
 CUT = 0.6  # checkpointing keeps less than this fraction of the bytes kept without it

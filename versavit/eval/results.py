@@ -4,7 +4,8 @@ report, the fan-out's JSON and the fine-tune libraries read them)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 
@@ -61,6 +62,27 @@ class EvalResult:
     def as_dict(self) -> dict[str, float]:
         """name -> raw value (what comparison.json stores)."""
         return {m.name: m.value for m in self.metrics}
+
+    def to_json(self) -> dict[str, Any]:
+        """The result without its artifacts, as JSON: what a fan-out step or an evaluation job hands on
+        (`from_json` reads it back)."""
+        return {"evaluator": self.evaluator, "benchmark": self.benchmark, "backbone": self.backbone,
+                "metrics": [{"name": m.name, "value": m.value, **asdict(m.spec)} for m in self.metrics],
+                "curves": self.curves, "notes": self.notes, "elapsed_s": self.elapsed_s}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> EvalResult:
+        """A result from `to_json`'s JSON (its "artifacts", when present, are taken as they are). Metrics are a
+        list of {name, value, label, ...} or, as earlier versions wrote them, a mapping name -> {value, label, ...}."""
+        result = cls(doc["evaluator"], doc["benchmark"], doc["backbone"], curves=dict(doc.get("curves") or {}),
+                     notes=list(doc.get("notes") or []), elapsed_s=float(doc.get("elapsed_s") or 0.0))
+        metrics = doc.get("metrics") or []
+        items = [dict(m, name=name) for name, m in metrics.items()] if isinstance(metrics, Mapping) else metrics
+        for m in items:
+            result.add(m["name"], m["value"], MetricSpec(m["label"], m.get("higher_is_better", True),
+                                                         m.get("scale", 100.0), m.get("fmt", ".1f")))
+        result.artifacts.update(doc.get("artifacts") or {})
+        return result
 
 
 class Skipped(Exception):

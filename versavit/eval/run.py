@@ -35,7 +35,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from versavit.config import RunConfig, config_to_dict
 from versavit.eval import evaluators, report
 from versavit.eval.candidates import Candidate, baseline_candidate, resolve_candidate, trained_candidate  # noqa: F401 - re-exported
 from versavit.eval.datasets import Benchmark, open_benchmarks
-from versavit.eval.evaluators import EvalResult, Evaluator, MetricSpec
+from versavit.eval.evaluators import EvalResult, Evaluator
 from versavit.eval.jobs import results_url
 from versavit.layout import eval_cache_dir, metrics_log, metrics_log_of_export, reports_dir
 from versavit.models.backbone import VisionBackbone
@@ -131,21 +131,14 @@ def _figures(evals: list[Evaluator], benches: list[Benchmark], results: list[Eva
 
 def results_to_json(evaluation: Evaluation) -> dict[str, Any]:
     """The typed results as JSON (no in-memory artifacts): what a fan-out step hands to the report step."""
-    return {"results": [{"evaluator": r.evaluator, "benchmark": r.benchmark, "backbone": r.backbone,
-                         "metrics": [{"name": m.name, "value": m.value, **asdict(m.spec)} for m in r.metrics],
-                         "curves": r.curves, "notes": r.notes, "elapsed_s": r.elapsed_s} for r in evaluation.results],
+    return {"results": [r.to_json() for r in evaluation.results],
             "notes": evaluation.notes, "figures": [f.name for f in evaluation.figures],
             "backbones": evaluation.backbones}
 
 
 def results_from_json(data: Mapping[str, Any]) -> Evaluation:
     out = Evaluation(notes=list(data.get("notes", [])), backbones=dict(data.get("backbones", {})))
-    for r in data.get("results", []):
-        res = EvalResult(r["evaluator"], r["benchmark"], r["backbone"], curves=r.get("curves", {}),
-                         notes=r.get("notes", []), elapsed_s=r.get("elapsed_s", 0.0))
-        for m in r["metrics"]:
-            res.add(m["name"], m["value"], MetricSpec(m["label"], m["higher_is_better"], m["scale"], m["fmt"]))
-        out.results.append(res)
+    out.results.extend(EvalResult.from_json(r) for r in data.get("results", []))
     return out
 
 

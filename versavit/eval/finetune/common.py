@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from versavit.eval.results import EvalResult, MetricSpec
+from versavit.eval.results import EvalResult
 
 if TYPE_CHECKING:
     from versavit.eval.datasets.base import BenchmarkReader, Sample
@@ -195,10 +195,7 @@ def write_result(result: EvalResult, out_dir: Path, arrays: Sequence[str],
         np.savez_compressed(out_dir / f"{stem}.npz", **saved)
     npz = f"{stem}.npz" if saved else None
     doc = {
-        "evaluator": result.evaluator, "benchmark": result.benchmark, "backbone": result.backbone,
-        "metrics": {m.name: {"value": m.value, "label": m.spec.label, "higher_is_better": m.spec.higher_is_better,
-                             "scale": m.spec.scale, "fmt": m.spec.fmt} for m in result.metrics},
-        "curves": result.curves, "notes": result.notes, "elapsed_s": result.elapsed_s,
+        **result.to_json(),
         "artifacts": {k: v for k, v in result.artifacts.items() if k != "examples"},
         "examples": npz if not values else
         {"arrays": npz, **{k: [convert(v) for v in examples.get(k, [])] for k, convert in values.items()}},
@@ -215,11 +212,7 @@ def load_result(path: Path, arrays: Sequence[str], values: Iterable[str] = ()) -
     when the .npz is there."""
     path = Path(path)
     doc = json.loads(path.read_text())
-    result = EvalResult(doc["evaluator"], doc["benchmark"], doc["backbone"], curves=doc.get("curves", {}),
-                        notes=doc.get("notes", []), elapsed_s=doc.get("elapsed_s", 0.0))
-    for name, m in doc["metrics"].items():
-        result.add(name, m["value"], MetricSpec(m["label"], m["higher_is_better"], m["scale"], m["fmt"]))
-    result.artifacts.update(doc.get("artifacts", {}))
+    result = EvalResult.from_json(doc)
     ex = doc.get("examples") or {}
     if isinstance(ex, str):  # written without `values`: the .npz's name
         ex = {"arrays": ex}
