@@ -34,7 +34,9 @@ def test_paper_config_has_recipe_numbers() -> None:
     assert (tr.optim.weight_decay, tr.optim.warmup_ratio, tr.optim.grad_clip) == (0.05, 0.03, 1.0)
     assert mt.loss_weights == pytest.approx({"caption": 1 / 3, "depth": 1 / 3, "refseg": 1 / 3})
     assert [b.split("=")[0] for b in cfg.eval.benchmarks] == ["ade20k", "cityscapes", "voc", "nyu", "kitti", "refcoco",
-                                                           "da2k", "navi", "spair", "coco-karpathy"]
+                                                           "da2k", "navi", "spair", "coco-karpathy", "mmbench",
+                                                           "mmstar", "mmmu", "mathvista", "hallusionbench", "ai2d",
+                                                           "ocrbench", "mmvet"]  # Table 2: the OpenCompass suite
     assert cfg.eval.probe.extra_seg_resolutions == [448] and cfg.eval.probe.seg_resolution == 560  # Tables 14, 3
     ft, rs = cfg.eval.finetune_depth, cfg.eval.refseg_finetune
     assert (ft.epochs, ft.lr_backbone, ft.lr_head, ft.batch_size) == (5, 1e-5, 1e-4, 32)

@@ -20,14 +20,17 @@ from versavit.data.prepare.benchmarks import (
     fixture_truth,
 )
 from versavit.data.prepare.runner import prepare_dataset
+from versavit.data.prepare.vlmevalkit import NAMES as VLMEVALKIT_NAMES
 from versavit.data.shards import read_manifest
 from versavit.eval.datasets import PreparedBenchmark, open_benchmark
 
 SEED = 3
 SCALE = {"nyuv2": NYU.scale, "kitti": KITTI.scale}
-# the dense benchmarks (a train split for the probes, seg or depth labels); DA-2K, NAVI, SPair-71k and COCO Karpathy
-# have tests of their own (tests/eval/test_da2k.py, test_correspondence.py, test_retrieval.py)
-DENSE = [s.name for s in BENCHMARK_SOURCES if s.name not in ("da2k", "navi", "spair71k", "coco-karpathy")]
+# the dense benchmarks (a train split for the probes, seg or depth labels); DA-2K, NAVI, SPair-71k, COCO Karpathy and
+# the VLMEvalKit VQA benchmarks have tests of their own (tests/eval/test_da2k.py, test_correspondence.py,
+# test_retrieval.py, test_vlmevalkit.py)
+DENSE = [s.name for s in BENCHMARK_SOURCES
+         if s.name not in ("da2k", "navi", "spair71k", "coco-karpathy", *VLMEVALKIT_NAMES)]
 
 
 def test_the_sources_are_registered_and_documented() -> None:

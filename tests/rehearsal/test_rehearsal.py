@@ -45,7 +45,7 @@ def test_the_paper_chain_runs_on_its_stand_ins(tmp_path: Path, monkeypatch: pyte
     used = {d.source for d in cfg.data.datasets.values()}
     paper = load_config(ROOT / "configs/paper.yaml")
     assert cfg.data.datasets.keys() == paper.data.datasets.keys()  # every dataset of the paper run takes part
-    assert used == {d.source for d in paper.data.datasets.values()} and len(used) == 21
+    assert used == {d.source for d in paper.data.datasets.values()} and len(used) == 29
     for name in used:
         (tmp_path / "runs/fixtures" / name).mkdir(parents=True)
         SOURCES[name].write_fixture(tmp_path / "runs/fixtures" / name, 0)

@@ -24,14 +24,16 @@ RESIZE_FACTORS: tuple[int, ...] = tuple(sorted({2 * p for p in PATCH_SIZES.value
 # here so that `eval.benchmarks` is checked when the config loads, not at the end of a run.
 BENCHMARK_NAMES: tuple[str, ...] = (
     "synthetic", "ade20k", "voc", "cityscapes", "nyu", "kitti", "refcoco", "refcoco+", "refcocog", "da2k", "navi",
-    "spair", "coco-karpathy")
+    "spair", "coco-karpathy", "mmbench", "mmstar", "mmmu", "mathvista", "hallusionbench", "ai2d", "ocrbench",
+    "mmvet")
 # The sources `versavit data prepare` reads (versavit.data.prepare.SOURCES, whose keys a test holds equal to
 # this): training sets, then benchmarks, each in the layout its authors publish.
 TRAINING_SOURCES: tuple[str, ...] = (
     "objects365", "grit", "sa1b", "refcoco", "refcoco+", "refcocog", "pixmo-cap", "idl-wds", "finevision",
     "sa1b-internvl", "images", "coco-stuff")
 BENCHMARK_SOURCES: tuple[str, ...] = ("ade20k", "voc2012", "cityscapes", "nyuv2", "kitti", "da2k", "navi", "spair71k",
-                                      "coco-karpathy")
+                                      "coco-karpathy", "mmbench", "mmstar", "mmmu", "mathvista", "hallusionbench",
+                                      "ai2d", "ocrbench", "mmvet")
 # The evaluators (versavit.eval.evaluators.EVALUATORS, whose keys a test holds equal to this), in report order.
 EVALUATOR_NAMES: tuple[str, ...] = (
     "linear-probe", "zero-shot-depth", "da2k", "refseg", "finetune-depth", "refseg-finetune", "correspondence",

@@ -27,7 +27,9 @@ BENCHMARK_LABELS = {"synthetic": "Synthetic", "ade20k": "ADE20k", "voc": "VOC", 
                     "refcocog": "RefCOCOg val", "refcoco-testA": "RefCOCO testA", "refcoco-testB": "RefCOCO testB",
                     "refcoco+-testA": "RefCOCO+ testA", "refcoco+-testB": "RefCOCO+ testB",
                     "refcocog-test": "RefCOCOg test", "da2k": "DA-2K", "navi": "NAVI", "spair": "SPair-71k",
-                    "coco-karpathy": "COCO"}
+                    "coco-karpathy": "COCO", "mmbench": "MMBench", "mmstar": "MMStar", "mmmu": "MMMU",
+                    "mathvista": "MathVista", "hallusionbench": "HallusionBench", "ai2d": "AI2D",
+                    "ocrbench": "OCRBench", "mmvet": "MM-Vet"}
 
 
 def _finite(v: Any) -> bool:

@@ -21,6 +21,8 @@ the folder named below (prepared or published, for local use only), and `synthet
     navi        navi         NAVI         - / test (Probe3D's pairs)   navi_v1
     spair       spair71k     SPair        - / test (keypoint pairs)    SPair-71k
     coco-karpathy  coco-karpathy  CocoKarpathy  - / test (5k images, captions)  coco
+    mmbench, mmstar, mmmu, mathvista, hallusionbench, ai2d, ocrbench, mmvet   (sources of the same names)
+                 VLMEvalKitTSV   - / test (VLMEvalKit's TSV: one question per row)   LMUData
 
 The RefCOCO family is evaluated on every evaluation split the root holds (`open_benchmarks`): the val split
 under the plain name (`refcoco`), the others as `refcoco-testA`, `refcoco-testB` (`refcocog-test`), each with
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from versavit import storage
+from versavit.data.prepare.vlmevalkit import NAMES as VLMEVALKIT_NAMES
 from versavit.eval.datasets.ade20k import ADE20k
 from versavit.eval.datasets.base import BenchmarkReader, Sample
 from versavit.eval.datasets.cityscapes import Cityscapes
@@ -46,12 +49,13 @@ from versavit.eval.datasets.depth_lists import KITTIDepth, NYUv2Depth
 from versavit.eval.datasets.prepared import PreparedBenchmark, PreparedRefSeg, is_prepared
 from versavit.eval.datasets.refcoco import RefCOCO, refer_splits
 from versavit.eval.datasets.synthetic import SyntheticWorld
+from versavit.eval.datasets.vlmevalkit import PreparedVLMEvalKit, VLMEvalKitTSV
 from versavit.eval.datasets.voc import PascalVOC
 
 __all__ = ["ADE20k", "BENCHMARKS", "NAVI", "Benchmark", "BenchmarkReader", "Cityscapes", "CocoKarpathy", "DA2K",
            "KITTIDepth", "NYUv2Depth", "PascalVOC", "PreparedBenchmark", "PreparedCocoKarpathy", "PreparedDA2K",
-           "PreparedPairs", "PreparedRefSeg", "RefCOCO", "SPair", "Sample", "SyntheticWorld", "open_benchmark",
-           "open_benchmarks", "parse_benchmark"]
+           "PreparedPairs", "PreparedRefSeg", "PreparedVLMEvalKit", "RefCOCO", "SPair", "Sample", "SyntheticWorld",
+           "VLMEvalKitTSV", "open_benchmark", "open_benchmarks", "parse_benchmark"]
 
 DATA_ROOT_ENV = "VERSAVIT_DATA_ROOT"
 log = logging.getLogger(__name__)
@@ -96,6 +100,11 @@ BENCHMARKS: dict[str, _Entry] = {
     # retrieval (Table 11) is zero-shot on COCO: trained on other image-text pairs, no COCO train split read
     "coco-karpathy": _Entry(lambda root, split: CocoKarpathy(root, split), None, "test", "coco", "coco-karpathy",
                             lambda url, split: PreparedCocoKarpathy(url, split)),
+    # VQA (Table 2): the OpenCompass suite as VLMEvalKit distributes it, scored by the `vqa` evaluator (its MLLM
+    # trained on the run's caption and VQA data, never on these)
+    **{name: _Entry(lambda root, split, n=name: VLMEvalKitTSV(root, n, split), None, "test", "LMUData", name,
+                    lambda url, split, n=name: PreparedVLMEvalKit(url, n, split))
+       for name in VLMEVALKIT_NAMES},
 }
 
 

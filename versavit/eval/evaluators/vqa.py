@@ -28,7 +28,8 @@ class VQA(Evaluator):
     title = "VQA with the frozen encoder in an MLLM, projector then projector + LLM trained (paper Table 2)"
     paper_table = "Table 2"
     kind = "training"
-    benchmarks_help = "benchmarks with question/answer pairs (synthetic: its QA)"
+    benchmarks_help = "benchmarks with question/answer pairs: synthetic (its QA), the OpenCompass suite as " \
+        "VLMEvalKit distributes it (mmbench, mmstar, mmmu, mathvista, hallusionbench, ai2d, ocrbench, mmvet)"
     metric_specs = dict(METRIC_SPECS)
 
     def applies_to(self, benchmark: Benchmark) -> bool:

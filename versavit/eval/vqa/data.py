@@ -5,7 +5,9 @@ evaluation split, read from shard datasets (the synthetic world, or what `versav
               without one (OCR-style data), its question/answer turns
     stage 2   VQA data: json `qa` ({question, answer, kind}: the synthetic world's, versavit.data.synthetic.scene
               `_questions`) and `conversations` ({question, answer}: FineVision / InternVL chat data as prepared)
-    eval      the evaluation split's QA pairs in shard order, numbered 0.. (the predictions file's `index`)
+    eval      the evaluation split's QA pairs in shard order, numbered 0.. (the predictions file's `index`); a
+              benchmark's questions (versavit.eval.vqa.protocol `evaluation_questions`) also carry their options
+              (MCQ), alternative answers and the benchmark's own index
 
 Texts are read as versavit.data.tasks reads them for the caption task (`CAPTION_PROMPT`, the json fields above);
 `category` is the synthetic question's kind (count, color, shape, spatial), "caption" for captions, else
@@ -16,7 +18,7 @@ sides that are multiples of the backbone's patch x merge, between min_side^2 and
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -31,14 +33,24 @@ _IMAGE_FIELDS = ("rgb.jpg", "rgb.png", "jpg", "jpeg", "png")
 
 @dataclass
 class QAExample:
-    """One question about one image (a caption is the answer to the caption prompt)."""
+    """One question about one image (a caption is the answer to the caption prompt). An evaluation question may
+    be multiple-choice (`options`, its answer a letter) or list alternative answers (`answers`, any one counts):
+    versavit.eval.vqa.metrics.score scores each by its own rule."""
 
     key: str
     image: np.ndarray  # [H, W, 3] uint8
     question: str
     answer: str
     category: str
-    index: int = -1  # position in the evaluation split (the predictions file's `index`)
+    index: int = -1  # position in the evaluation split
+    options: dict[str, str] = field(default_factory=dict)  # MCQ: {letter: option text}
+    answers: tuple[str, ...] = ()  # the answers that count, when the benchmark lists several
+    source_index: str = ""  # the benchmark's own index of the question (VLMEvalKit's `index`), if it has one
+
+    @property
+    def prediction_index(self) -> str | int:
+        """The predictions file's `index`: the benchmark's own when it has one, else the position."""
+        return self.source_index or self.index
 
 
 def sample_pairs(meta: dict[str, Any], source: Source, kinds: Sequence[str] = ()) -> list[tuple[str, str, str]]:

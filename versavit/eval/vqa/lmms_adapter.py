@@ -1,5 +1,5 @@
 """lmms-eval adapter: the MLLM the `vqa` evaluator trained (a saved `VqaModel`) as an lmms-eval model, and a local
-lmms-eval task built from the synthetic world's questions.
+lmms-eval task built from the evaluator's questions (the synthetic world's, a VLMEvalKit benchmark's).
 
 lmms-eval's interface (EvolvingLMMs-Lab/lmms-eval, as released in lmms_eval 0.7.3 on PyPI):
 
@@ -19,8 +19,10 @@ lmms-eval's interface (EvolvingLMMs-Lab/lmms-eval, as released in lmms_eval 0.7.
   read by `datasets.load_dataset("json", data_files=...)` (no hub download).
 
 The model answers as the evaluator scores it: the question as the prompt, greedy decoding, the caption head's chat
-template; `process_results` scores with the evaluator's exact match (versavit.eval.vqa.metrics), so lmms-eval's
-mean over the task equals the evaluator's accuracy on the same questions.
+template; `process_results` scores with the evaluator's rule (versavit.eval.vqa.metrics.score: exact match with any
+answer that counts, the option letter for a multiple-choice question, whose options and alternatives the task's
+documents carry as JSON strings), so lmms-eval's mean over the task equals the evaluator's accuracy on the same
+questions. The metric keeps its name, `exact_match`, whatever the question's rule.
 
 lmms-eval is optional: without it installed, this module still imports (a stand-in base class with lmms'
 constructor state), so the adapter's methods can be called directly with Instance-like objects (anything with
@@ -42,7 +44,7 @@ import numpy as np
 import torch
 
 from versavit.eval.vqa.data import QAExample
-from versavit.eval.vqa.metrics import exact_match
+from versavit.eval.vqa.metrics import score
 from versavit.eval.vqa.model import VqaModel
 
 MODEL_NAME = "versavit_vqa"
@@ -168,8 +170,18 @@ def doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict | None = No
     return str(doc["question"])
 
 
+def _json_field(doc: dict[str, Any], name: str, empty: Any) -> Any:
+    """A document's options / answers (written as JSON strings: `datasets` would make a struct of the options)."""
+    value = doc.get(name)
+    if isinstance(value, str):
+        return json.loads(value) if value else empty
+    return value if value is not None else empty
+
+
 def process_results(doc: dict[str, Any], results: Sequence[str]) -> dict[str, float]:
-    return {TASK_METRIC: exact_match(results[0] if results else "", str(doc["answer"]))}
+    """The evaluator's score of the prediction (versavit.eval.vqa.metrics.score)."""
+    return {TASK_METRIC: score(results[0] if results else "", str(doc["answer"]), _json_field(doc, "options", {}),
+                               _json_field(doc, "answers", []))}
 
 
 def _task_yaml(task: str, docs: Path, max_new_tokens: int) -> str:
@@ -203,7 +215,8 @@ def _task_yaml(task: str, docs: Path, max_new_tokens: int) -> str:
 def write_lmms_task(examples: Iterable[QAExample], folder: str | Path, task: str = "versavit_synthetic_vqa",
                     max_new_tokens: int = 16) -> Path:
     """A local lmms-eval task of `examples` in `folder`: images/<index>.png, docs.jsonl ({index, question, answer,
-    category, image}) and <task>.yaml. Returns the YAML's path (its folder is TaskManager's include_path)."""
+    category, image, options, answers}: options and answers as JSON strings) and <task>.yaml. Returns the YAML's
+    path (its folder is TaskManager's include_path)."""
     from PIL import Image
 
     folder = Path(folder)
@@ -216,7 +229,8 @@ def write_lmms_task(examples: Iterable[QAExample], folder: str | Path, task: str
             if not image.exists():
                 Image.fromarray(np.asarray(ex.image, dtype=np.uint8)).save(image)
             f.write(json.dumps({"index": index, "question": ex.question, "answer": ex.answer,
-                                "category": ex.category, "image": str(image.resolve())}) + "\n")
+                                "category": ex.category, "image": str(image.resolve()),
+                                "options": json.dumps(ex.options), "answers": json.dumps(list(ex.answers))}) + "\n")
     path = folder / f"{task}.yaml"
     path.write_text(_task_yaml(task, docs.resolve(), max_new_tokens))
     return path

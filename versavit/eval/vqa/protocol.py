@@ -3,10 +3,14 @@ split's questions greedily, score exact match; write VLMEvalKit's predictions fi
 
 One library call per (backbone, benchmark), `vqa_eval`, returning an EvalResult:
 
-    accuracy     exact match after the VQA normalisation over the evaluation questions (the headline, in %)
+    accuracy     over the evaluation questions (the headline, in %): an open question by exact match after the VQA
+                 normalisation (any alternative answer counts), a multiple-choice one by the option letter the
+                 answer names, as VLMEvalKit infers it (versavit.eval.vqa.metrics.score)
     chance       the blind guess's accuracy on the same questions: per question kind, the commonest answer of
-                 stage 2's training data (versavit.eval.vqa.metrics.AnswerPrior)
-    acc_<kind>   accuracy per question kind (synthetic world: count, color, shape, spatial)
+                 stage 2's training data; 1 / its number of options on a multiple-choice question
+                 (versavit.eval.vqa.metrics.AnswerPrior)
+    acc_<kind>   accuracy per question kind (synthetic world: count, color, shape, spatial; a benchmark's
+                 categories)
     curves       stage1_loss, stage2_loss (per optimiser step)
     lmms_<task>_<metric>  with `eval.vqa.lmms_tasks`: lmms-eval's scores of the trained MLLM (lmms_adapter)
     artifacts    predictions (the .tsv), model (the saved MLLM folder), backbone_unchanged (the backbone's weights
@@ -14,31 +18,34 @@ One library call per (backbone, benchmark), `vqa_eval`, returning an EvalResult:
                  prior, settings
 
 Files under `out_dir` (the evaluator's `<report>/vqa`): `<benchmark>-<backbone>/VersaViT-<backbone>_<benchmark>-VQA
-.tsv` (versavit.eval.vqa.predictions), `<benchmark>-<backbone>/model/` (versavit.eval.vqa.model: what the lmms-eval
+.tsv` (versavit.eval.vqa.predictions; a benchmark's own `index`, and its option columns for multiple-choice
+questions), `<benchmark>-<backbone>/model/` (versavit.eval.vqa.model: what the lmms-eval
 adapter loads) and `vqa-<benchmark>-<backbone>.json` (the result; `load_result` reads it back).
 
 The data of the synthetic benchmark are its own shards: stages 1 and 2 read its train split (captions, QA) unless
 `eval.vqa.stage1_data` / `stage2_data` name others, and the questions scored are its evaluation split's `qa`.
-Another benchmark needs `"vqa"` among its reader's tasks and its targets' `qa` list ({question, answer, kind});
-its training data default to the run's caption-task data (`data.tasks.caption`).
+Another benchmark needs `"vqa"` among its reader's tasks and its targets' `qa` list ({question, answer, kind,
+options?, answers?}: the VLMEvalKit benchmarks, versavit.eval.datasets.vlmevalkit); its training data default to
+the run's caption-task data: `data.tasks.caption` when it names URLs, else the caption data of the training
+recipe's stages, stage 1 the first stage's (the warm-up: captions and OCR) and stage 2 the last one's (the
+multi-task stage: FineVision's conversations), as the paper trains its projector on captions, then on VQA.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
+from versavit.eval.finetune import common
 from versavit.eval.finetune.common import deterministic
 from versavit.eval.results import EvalResult, MetricSpec
 from versavit.eval.vqa.data import QAExample, eval_examples
-from versavit.eval.vqa.metrics import accuracy, accuracy_by_category
-from versavit.eval.vqa.predictions import prediction_file_name, write_predictions
+from versavit.eval.vqa.metrics import mean_by_category, scores
+from versavit.eval.vqa.predictions import option_columns_of, prediction_file_name, write_predictions
 from versavit.eval.vqa.train import VqaSettings, build_vqa_model, predict, train_two_stages
 
 if TYPE_CHECKING:
@@ -63,8 +70,11 @@ def is_vqa_benchmark(benchmark: Benchmark) -> bool:
     return isinstance(benchmark.eval, SyntheticWorld) or "vqa" in benchmark.tasks
 
 
-def training_urls(benchmark: Benchmark, cfg: RunConfig, configured: tuple[str, ...] | list[str]) -> list[str]:
-    """A stage's data: as configured, else the synthetic benchmark's train split, else the run's caption data."""
+def training_urls(benchmark: Benchmark, cfg: RunConfig, configured: tuple[str, ...] | list[str],
+                  stage: int = 1) -> list[str]:
+    """VQA training stage `stage`'s data (1: captions, 2: VQA): as configured, else the synthetic benchmark's
+    train split, else the run's caption data (`data.tasks.caption`, else the caption data of the recipe's first
+    stage that reads captions for stage 1, of its last one for stage 2)."""
     from versavit.data.inputs import task_urls
     from versavit.eval.datasets import SyntheticWorld
 
@@ -72,7 +82,14 @@ def training_urls(benchmark: Benchmark, cfg: RunConfig, configured: tuple[str, .
         return list(configured)
     if isinstance(benchmark.train, SyntheticWorld):
         return [benchmark.train.url]
-    return task_urls(cfg, "caption")
+    shared = cfg.data.tasks.get("caption")  # type: ignore[call-overload]
+    if cfg.data.source == "synthetic" or (shared is not None and shared.urls):
+        return task_urls(cfg, "caption")
+    stages = [s.name for s in cfg.train.stages() if "caption" in s.tasks]
+    if not stages:
+        raise ValueError(f"vqa: no training data for stage {stage}: set eval.vqa.stage{stage}_data, or "
+                         "data.tasks.caption, or a training stage with caption data")
+    return task_urls(cfg, "caption", stage=stages[0] if stage == 1 else stages[-1])
 
 
 def evaluation_questions(benchmark: Benchmark, settings: VqaSettings) -> list[QAExample]:
@@ -88,15 +105,31 @@ def evaluation_questions(benchmark: Benchmark, settings: VqaSettings) -> list[QA
             kind = str(qa.get("kind") or "vqa")
             if (kinds and kind not in kinds) or (limit is not None and len(out) >= limit):
                 continue
-            out.append(QAExample(str(target.get("key", "")), image, qa["question"], qa["answer"], kind, len(out)))
+            out.append(QAExample(str(target.get("key", "")), image, qa["question"], str(qa["answer"]), kind,
+                                 len(out), options={str(k): str(v) for k, v in (qa.get("options") or {}).items()},
+                                 answers=tuple(str(a) for a in qa.get("answers") or ()),
+                                 source_index=str(target.get("index", ""))))
     if not out:
         raise ValueError(f"vqa: benchmark {benchmark.name!r} has no question/answer pairs"
                          + (f" of kinds {list(kinds)}" if kinds else ""))
     return out
 
 
-def _safe(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in text)
+def question_scores(predictions: list[str], questions: list[QAExample]) -> list[float]:
+    """Each question's score (1 or 0) by its own rule: the option named for MCQ, else exact match with any answer
+    that counts (versavit.eval.vqa.metrics.score)."""
+    return scores(predictions, [q.answer for q in questions], [q.options for q in questions],
+                  [q.answers for q in questions])
+
+
+def prediction_rows(questions: list[QAExample], predictions: list[str]) -> list[dict[str, Any]]:
+    """The predictions file's rows (versavit.eval.vqa.predictions): index (the benchmark's own when it has one),
+    question, answer, category, an MCQ question's options (columns A, B, ...), prediction."""
+    return [{"index": q.prediction_index, "question": q.question, "answer": q.answer, "category": q.category,
+             **q.options, "prediction": p} for q, p in zip(questions, predictions, strict=True)]
+
+
+_safe = common.safe_name
 
 
 def vqa_eval(candidate: Candidate, benchmark: Benchmark, cfg: RunConfig, device: torch.device | str | None = None,
@@ -109,11 +142,12 @@ def vqa_eval(candidate: Candidate, benchmark: Benchmark, cfg: RunConfig, device:
     cfg = weights.resolve(cfg)  # eval.vqa.llm / the caption LLM from weights.url once staged
     if not is_vqa_benchmark(benchmark):
         raise ValueError(f"vqa: benchmark {benchmark.name!r} has no question/answer pairs (tasks: "
-                         f"{', '.join(benchmark.tasks) or 'none'}); use the synthetic world")
+                         f"{', '.join(benchmark.tasks) or 'none'}); use the synthetic world or a VQA benchmark "
+                         "(mmbench, mmstar, mmmu, mathvista, hallusionbench, ai2d, ocrbench, mmvet)")
     settings = VqaSettings.from_config(cfg)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    stage1_urls = training_urls(benchmark, cfg, settings.stage1_data)
-    stage2_urls = training_urls(benchmark, cfg, settings.stage2_data)
+    stage1_urls = training_urls(benchmark, cfg, settings.stage1_data, stage=1)
+    stage2_urls = training_urls(benchmark, cfg, settings.stage2_data, stage=2)
     questions = evaluation_questions(benchmark, settings)
     started = time.monotonic()
     result = EvalResult(EVALUATOR, benchmark.name, candidate.name)
@@ -128,11 +162,12 @@ def vqa_eval(candidate: Candidate, benchmark: Benchmark, cfg: RunConfig, device:
         model.cache_features(0)
     answers = [q.answer for q in questions]
     categories = [q.category for q in questions]
-    acc = accuracy(predictions, answers)
-    chance = prior.accuracy(answers, categories)
+    hits = question_scores(predictions, questions)
+    acc = sum(hits) / len(hits)
+    chance = prior.accuracy(answers, categories, [q.options for q in questions], [q.answers for q in questions])
     result.add("accuracy", acc, METRIC_SPECS["accuracy"])
     result.add("chance", chance, METRIC_SPECS["chance"])
-    for cat, value in accuracy_by_category(predictions, answers, categories).items():
+    for cat, value in mean_by_category(hits, categories).items():
         result.add(f"acc_{_safe(cat)}", value, MetricSpec(f"Accuracy ({cat})"))
     result.curves.update({"stage1_loss": stage1, "stage2_loss": stage2})
     shown = questions[:EXAMPLES]
@@ -150,10 +185,9 @@ def vqa_eval(candidate: Candidate, benchmark: Benchmark, cfg: RunConfig, device:
         log.error("vqa %s: the frozen backbone's weights changed during training", candidate.name)
     if out_dir is not None:
         folder = Path(out_dir) / f"{_safe(benchmark.name)}-{_safe(candidate.name)}"
-        rows = [{"index": q.index, "question": q.question, "answer": q.answer, "category": q.category,
-                 "prediction": p} for q, p in zip(questions, predictions, strict=True)]
-        tsv = write_predictions(folder / prediction_file_name(f"VersaViT-{candidate.name}", f"{benchmark.name}-VQA"),
-                                rows)
+        name = prediction_file_name(f"VersaViT-{candidate.name}", f"{benchmark.name}-VQA")
+        tsv = write_predictions(folder / name, prediction_rows(questions, predictions),
+                                option_columns_of(q.options for q in questions))
         saved = model.cpu().save(folder / "model", backbone=candidate.source, benchmark=benchmark.name,
                                  llm=settings.llm)
         result.artifacts.update({"predictions": str(tsv), "model": str(saved)})
@@ -209,44 +243,22 @@ def result_path(out_dir: Path, benchmark: str, backbone: str) -> Path:
     return Path(out_dir) / f"{EVALUATOR}-{_safe(benchmark)}-{_safe(backbone)}.json"
 
 
+# the figure's example images go to the .npz, their texts stay in the JSON
+_EXAMPLE_ARRAYS = ("image",)
+_EXAMPLE_VALUES = {"question": str, "answer": str, "prediction": str}
+
+
 def write_result(result: EvalResult, out_dir: Path) -> Path:
-    """`<out_dir>/vqa-<benchmark>-<backbone>.json` (metrics, curves, notes, artifacts without the images) and
-    `.npz` (the figure's example images); returns the JSON's path."""
-    path = result_path(out_dir, result.benchmark, result.backbone)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    examples = dict(result.artifacts.get("examples") or {})
-    images = examples.pop("image", [])
-    if images:
-        np.savez_compressed(path.with_suffix(".npz"), **{f"image_{i}": np.asarray(im) for i, im in enumerate(images)})
-    doc: dict[str, Any] = {
-        "evaluator": result.evaluator, "benchmark": result.benchmark, "backbone": result.backbone,
-        "metrics": {m.name: {"value": m.value, "label": m.spec.label, "higher_is_better": m.spec.higher_is_better,
-                             "scale": m.spec.scale, "fmt": m.spec.fmt} for m in result.metrics},
-        "curves": result.curves, "notes": result.notes, "elapsed_s": result.elapsed_s,
-        "artifacts": {**{k: v for k, v in result.artifacts.items() if k != "examples"}, "examples": examples},
-        "images": path.with_suffix(".npz").name if images else None,
-    }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)  # a reader never sees half a result
-    return path
+    """`<out_dir>/vqa-<benchmark>-<backbone>.json` (metrics, curves, notes, artifacts, the examples' texts) and
+    `.npz` (the examples' images); returns the JSON's path (versavit.eval.finetune.common.write_result)."""
+    return common.write_result(result, Path(out_dir), arrays=_EXAMPLE_ARRAYS, values=_EXAMPLE_VALUES)
 
 
 def load_result(path: Path) -> EvalResult:
     """An EvalResult from what `write_result` wrote (example images included when the .npz is there)."""
-    path = Path(path)
-    doc = json.loads(path.read_text())
-    result = EvalResult(doc["evaluator"], doc["benchmark"], doc["backbone"], curves=doc.get("curves", {}),
-                        notes=doc.get("notes", []), elapsed_s=doc.get("elapsed_s", 0.0))
-    for name, m in doc["metrics"].items():
-        result.add(name, m["value"], MetricSpec(m["label"], m["higher_is_better"], m["scale"], m["fmt"]))
-    result.artifacts.update(doc.get("artifacts", {}))
-    if doc.get("images") and (path.parent / doc["images"]).is_file():
-        with np.load(path.parent / doc["images"]) as z:
-            result.artifacts["examples"]["image"] = [z[f"image_{i}"] for i in range(len(z.files))]
-    return result
+    return common.load_result(Path(path), arrays=_EXAMPLE_ARRAYS, values=_EXAMPLE_VALUES)
 
 
 __all__ = ["EVALUATOR", "METRIC_SPECS", "evaluation_questions", "is_vqa_benchmark", "lmms_eval_scores",
-           "load_result", "result_path",
+           "load_result", "prediction_rows", "question_scores", "result_path",
            "training_urls", "vqa_eval", "write_result"]
