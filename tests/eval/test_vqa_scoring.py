@@ -138,3 +138,31 @@ def test_lmms_task_scores_as_the_evaluator(stand_ins: dict[str, list[QAExample]]
         assert lmms == question_scores(predictions, questions)
     assert np.mean([lmms_adapter.process_results(d, [p])[lmms_adapter.TASK_METRIC]
                     for d, p in zip(docs, oracle, strict=True)]) == 1.0
+
+
+def test_lmms_tasks_without_lmms_eval_fail_before_any_training(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """eval.vqa.lmms_tasks where lmms-eval is not installed (e.g. an image without the extra): one clear error at
+    the start, not after both training stages."""
+    import importlib.util
+
+    from eval_helpers import eval_config
+
+    from versavit.eval.vqa.protocol import vqa_eval
+
+    root = tmp_path / "lmudata"
+    root.mkdir()
+    SOURCES["mmstar"].write_fixture(root, 0)
+    bench = open_benchmark(f"mmstar={root}", str(root), with_train=False)
+    cfg = eval_config(tmp_path, "eval.vqa={lmms_tasks: [local]}", "tracking.enabled=false")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lmms_eval" else real(name, *a))
+
+    class NeverLoaded:
+        name = "never"
+
+        def load_backbone(self) -> None:
+            raise AssertionError("trained although lmms-eval is missing")
+
+    with pytest.raises(RuntimeError, match=r"lmms_tasks.*needs lmms-eval.*make setup"):
+        vqa_eval(NeverLoaded(), bench, cfg, device="cpu")  # type: ignore[arg-type]

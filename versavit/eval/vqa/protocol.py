@@ -145,6 +145,13 @@ def vqa_eval(candidate: Candidate, benchmark: Benchmark, cfg: RunConfig, device:
                          f"{', '.join(benchmark.tasks) or 'none'}); use the synthetic world or a VQA benchmark "
                          "(mmbench, mmstar, mmmu, mathvista, hallusionbench, ai2d, ocrbench, mmvet)")
     settings = VqaSettings.from_config(cfg)
+    if settings.lmms_tasks:  # before hours of training, not after
+        import importlib.util
+
+        if importlib.util.find_spec("lmms_eval") is None:
+            raise RuntimeError(f"eval.vqa.lmms_tasks {list(settings.lmms_tasks)} needs lmms-eval, which is not "
+                               "installed here: install the lock (make setup) or pip install 'versavit[lmms-eval]', "
+                               "or set eval.vqa.lmms_tasks=[]")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stage1_urls = training_urls(benchmark, cfg, settings.stage1_data, stage=1)
     stage2_urls = training_urls(benchmark, cfg, settings.stage2_data, stage=2)
