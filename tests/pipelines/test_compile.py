@@ -16,6 +16,8 @@ from versavit.config import ConfigError, load_config
 from versavit.kfp.cluster import compile_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
+# one worker runs the module (make test: xdist), so each pipeline is compiled once (_compiled_text's cache)
+pytestmark = pytest.mark.xdist_group("compile")
 SECRET = "S3CR3T-VALUE-never-in-yaml"
 
 

@@ -59,7 +59,7 @@ EVALUATOR = "vqa"
 EXAMPLES = 6  # evaluation questions kept for the report's figure
 METRIC_SPECS: dict[str, MetricSpec] = {
     "accuracy": MetricSpec("Accuracy"),
-    "chance": MetricSpec("Chance (commonest answer)"),
+    "chance": MetricSpec("Chance (blind guess)"),
 }
 
 
