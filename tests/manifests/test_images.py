@@ -149,6 +149,32 @@ def test_trainer_has_the_training_stack() -> None:
     assert "nvidia/cuda:" in text
 
 
+def test_trainer_has_lmms_eval_with_the_dependencies_the_lock_gives_it() -> None:
+    """The vqa evaluator's job runs in the trainer image and, with eval.vqa.lmms_tasks, imports lmms-eval: the image
+    installs it (--no-deps) and each of its direct dependencies the lock holds (`# via lmms-eval`), explicitly or as
+    a dependency of versavit, torch, deepspeed or transformers."""
+    import tomllib
+
+    lock_text = (ROOT / "requirements/lock-py3.12.txt").read_text()
+    direct, package = set(), None
+    for line in lock_text.splitlines():
+        if m := re.match(r"^([A-Za-z0-9_.\-]+)==", line):
+            package = normalise(m.group(1))
+        elif re.fullmatch(r"\s+#\s+(via\s+)?lmms-eval", line):
+            direct.add(package)
+    assert {"datasets", "loguru", "evaluate"} <= direct
+    runs = [args for _, rest in resolved(ROOT / "images/trainer/Dockerfile") for args in pip_installs(rest)]
+    assert any("--no-deps" in args and "lmms-eval" in pip_requirements(args) for args in runs)
+    explicit = {normalise(r.partition("==")[0].partition("[")[0]) for args in runs for r in pip_requirements(args)}
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    of_versavit = {normalise(re.match(r"[A-Za-z0-9_.\-]+", r).group(0)) for r in pyproject}
+    # dependencies of torch (jinja2, sympy and its mpmath), transformers and deepspeed (packaging), kfp and mlflow
+    # (protobuf), sentence-transformers (scikit-learn), as the lock's "via" lines say
+    of_stack = {"jinja2", "sympy", "mpmath", "packaging", "protobuf", "scikit-learn"}
+    missing = direct - explicit - of_versavit - of_stack
+    assert not missing, f"the trainer image lacks lmms-eval's dependencies {sorted(missing)}"
+
+
 def test_dockerignore_keeps_secrets_and_local_state_out() -> None:
     patterns = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
                 if ln.strip() and not ln.startswith("#")}
