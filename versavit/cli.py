@@ -910,7 +910,7 @@ def _click_message(exc: Exception) -> str:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=console, show_path=False)])
-    for noisy in ("alembic", "botocore", "urllib3", "s3fs", "aiobotocore", "mlflow.store"):
+    for noisy in ("alembic", "botocore", "urllib3", "s3fs", "aiobotocore", "mlflow.store", "numexpr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from versavit.data.errors import CorruptDataError
     from versavit.launch import LaunchError

@@ -326,9 +326,9 @@ def test_lmms_eval_scores_the_trained_mllm_end_to_end(trained: dict[str, Any], w
                                                       tmp_path: Path) -> None:
     """lmms-eval itself (simple_evaluate, its TaskManager, `datasets` reading the local JSON-lines task, its
     aggregation) on the saved MLLM: the same answers and score as the evaluator's, logged among its metrics."""
-    from lmms_eval.evaluator import simple_evaluate  # noqa: F401 - the real lmms-eval, from the lock
+    from PIL import ImageFile
 
-    assert lmms_adapter.HAVE_LMMS_EVAL
+    assert lmms_adapter.HAVE_LMMS_EVAL  # the real lmms-eval, from the lock
     result = trained["result"]
     task = "versavit_synthetic_vqa"
     # inside the evaluator (eval.vqa.lmms_tasks: [local]): the score is a metric of the result
@@ -348,3 +348,6 @@ def test_lmms_eval_scores_the_trained_mllm_end_to_end(trained: dict[str, Any], w
     assert all(answers[i] == tsv[i]["prediction"] for i in answers)  # lmms-eval's answers are the evaluator's
     expected = np.mean([exact_match(tsv[i]["prediction"], tsv[i]["answer"]) for i in range(24)])
     assert lmms_adapter.task_scores(raw) == {"versavit_first24": {"exact_match": pytest.approx(expected)}}
+    # lmms-eval's import turns on PIL's LOAD_TRUNCATED_IMAGES for the process; the adapter turns it off again, so
+    # the readers still skip and count truncated images as corrupt
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False

@@ -35,8 +35,9 @@ questions as a task written by `write_lmms_task`) and logs `task_scores` as its 
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,25 @@ from versavit.eval.vqa.model import VqaModel
 MODEL_NAME = "versavit_vqa"
 TASK_METRIC = "exact_match"
 
+
+
+@contextlib.contextmanager
+def _pil_settings_kept() -> Iterator[None]:
+    """lmms-eval's import (lmms_eval/api/task.py) sets PIL's ImageFile.LOAD_TRUNCATED_IMAGES for the whole process,
+    after which a truncated image decodes silently instead of being skipped and counted as corrupt by versavit's
+    readers: put it back as it was."""
+    from PIL import ImageFile
+
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
 try:  # lmms-eval installed: the real base class
-    from lmms_eval.api.model import lmms as _Base
+    with _pil_settings_kept():
+        from lmms_eval.api.model import lmms as _Base
 
     HAVE_LMMS_EVAL = True
 except ImportError:  # not installed: the state lmms.__init__ sets, so that the methods run all the same
@@ -148,8 +166,9 @@ class VersaViTVQA(_Base):
 
 def register_lmms_model() -> None:
     """Make `--model versavit_vqa` known to lmms-eval (its v2 registry; the class path of this module)."""
-    from lmms_eval.models import MODEL_REGISTRY_V2
-    from lmms_eval.models.registry_v2 import ModelManifest
+    with _pil_settings_kept():
+        from lmms_eval.models import MODEL_REGISTRY_V2
+        from lmms_eval.models.registry_v2 import ModelManifest
 
     MODEL_REGISTRY_V2.register_manifest(
         ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.VersaViTVQA"), overwrite=True)
@@ -248,8 +267,9 @@ def run_lmms_eval(model: str | Path | VqaModel, tasks: str | Path | Sequence[str
     folders as the task path) and/or task names of lmms-eval's registry (its built-in tasks, which lmms-eval
     downloads from the hub). Returns lmms-eval's results dict. Needs lmms-eval (extra `lmms-eval`)."""
     try:
-        from lmms_eval.evaluator import simple_evaluate
-        from lmms_eval.tasks import TaskManager
+        with _pil_settings_kept():
+            from lmms_eval.evaluator import simple_evaluate
+            from lmms_eval.tasks import TaskManager
     except ImportError as e:
         raise RuntimeError(f"scoring with lmms-eval needs lmms-eval installed (pip install 'versavit[lmms-eval]' "
                            f"with the lock's versions: make setup does): {e}") from e
@@ -262,9 +282,10 @@ def run_lmms_eval(model: str | Path | VqaModel, tasks: str | Path | Sequence[str
                      batch_size=batch_size)
     folders = sorted({str(p.parent) for p in local})
     # lmms-eval's own tasks are indexed only when a registry task is asked for (indexing them all takes seconds)
-    manager = TaskManager(include_path=folders or None, include_defaults=len(local) < len(tasks))
-    return simple_evaluate(model=lm, tasks=names, task_manager=manager, batch_size=batch_size, device=device,
-                           limit=limit, log_samples=True, bootstrap_iters=0)
+    with _pil_settings_kept():
+        manager = TaskManager(include_path=folders or None, include_defaults=len(local) < len(tasks))
+        return simple_evaluate(model=lm, tasks=names, task_manager=manager, batch_size=batch_size, device=device,
+                               limit=limit, log_samples=True, bootstrap_iters=0)
 
 
 def task_scores(results: dict[str, Any]) -> dict[str, dict[str, float]]:
