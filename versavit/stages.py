@@ -333,7 +333,7 @@ def stage_evaluator(cfg: RunConfig, manifests: list[str], evaluator: str, parent
         return evaluate_one(cfg, exports, evaluator)
     from versavit.launch import get_launcher
 
-    job_cfg = job_config(cfg)
+    job_cfg = job_config(cfg, evaluator)
     get_launcher(job_cfg).launch(job_cfg, prepare_job(job_cfg, exports, evaluator))
     return results_url(cfg, evaluator)
 

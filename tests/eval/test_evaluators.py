@@ -107,26 +107,40 @@ def test_lr_grid_reports_the_best_rate_on_val(eval_run: Path) -> None:
 
 def test_training_evaluator_runs_as_its_own_launched_job(eval_run: Path) -> None:
     """The pipeline's step for a training-type evaluator launches stage eval-<name> through the launcher (torchrun
-    here: one process), which writes the results the report step reads."""
+    here), which writes the results the report step reads. vqa with eval.vqa.processes 2: two processes train the
+    MLLM data-parallel under DeepSpeed ZeRO-2 (versavit.eval.vqa.parallel) and end with the same weights; the first
+    one writes."""
     from versavit.eval.jobs import EVAL_STAGE_PREFIX, job_config
+    from versavit.eval.vqa.predictions import read_predictions
+    from versavit.eval.vqa.protocol import load_result
     from versavit.launch.base import EVAL_STAGE_PREFIX as LAUNCH_PREFIX
     from versavit.launch.base import entry_module
     from versavit.stages import stage_evaluator
 
     assert EVAL_STAGE_PREFIX == LAUNCH_PREFIX and entry_module("eval-finetune-depth") == "versavit.eval.entry"
-    cfg = eval_config(eval_run, "eval.finetune_depth.max_steps=2", "eval.finetune_depth.batch_size=4",
-                      "eval.finetune_depth.resolution=56")
-    single = job_config(cfg)
-    assert (single.launch.nnodes, single.launch.nproc_per_node) == (1, 1)
+    cfg = eval_config(eval_run, "eval.vqa={processes: 2, stage1_steps: 2, stage2_steps: 3, batch_size: 4, "
+                      "max_questions: 6, log_every: 1}", "eval.finetune_depth.max_steps=2")
+    assert (job_config(cfg, "finetune-depth").launch.nnodes, job_config(cfg, "finetune-depth").launch.nproc_per_node,
+            job_config(cfg).launch.nproc_per_node) == (1, 1, 1)
+    assert job_config(cfg, "vqa").launch.nproc_per_node == 2
     export = str(eval_run / "stages" / "multitask" / "export")
     manifest = eval_run / "stages" / "multitask" / "stage.json"
     manifest.write_text(json.dumps({"variant": "", "export_url": export}))
-    url = stage_evaluator(cfg, [str(manifest)], "finetune-depth")
+    url = stage_evaluator(cfg, [str(manifest)], "vqa")
     data = json.loads(Path(url).read_text())
     rows = {(r["backbone"], r["evaluator"]) for r in data["results"]}
-    assert rows == {("baseline", "finetune-depth"), ("trained", "finetune-depth")}
-    done = json.loads((eval_run / "stages" / "eval-finetune-depth" / "stage.json").read_text())
+    assert rows == {("baseline", "vqa"), ("trained", "vqa")}
+    done = json.loads((eval_run / "stages" / "eval-vqa" / "stage.json").read_text())
     assert done["results_url"] == url
+    files = sorted((eval_run / "reports" / "eval-vqa" / "vqa").glob("vqa-synthetic-*.json"))
+    assert [f.name for f in files] == ["vqa-synthetic-baseline.json", "vqa-synthetic-trained.json"]
+    for file in files:
+        result = load_result(file)
+        assert result.artifacts["processes"] == 2 and result.artifacts["replicas_identical"] is True
+        assert result.artifacts["backbone_unchanged"] is True
+        assert len(result.curves["stage1_loss"]) == 2 and len(result.curves["stage2_loss"]) == 3
+        rows = read_predictions(Path(result.artifacts["predictions"]))
+        assert [int(r["index"]) for r in rows] == list(range(6))  # both processes' answers, gathered in order
 
 
 def test_probe_and_zero_shot_metrics_perfect_vs_shuffled() -> None:

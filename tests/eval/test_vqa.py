@@ -170,6 +170,23 @@ def test_one_epoch_streams_every_pair_once_and_the_schedule_decays(world: dict[s
     assert lr_factor(0.7, 0.1, "constant") == 1.0
 
 
+def test_processes_read_disjoint_shares_that_make_the_whole(world: dict[str, Any]) -> None:
+    """Data-parallel VQA (eval.vqa.processes): each process streams its own share of a stage's data, by shard when
+    there are enough shards (6 here), else by sample."""
+    from versavit.eval.vqa.data import examples
+
+    urls = [world["bench"].train.url]
+    whole = [(e.key, e.question) for e, _ in examples(urls, "vqa", ["color"], seed=3, shuffle_buffer=8)]
+    assert len(whole) == 384
+    for procs in (2, 8):  # 2: three shards each; 8: more processes than shards, every 8th sample
+        shares = [[(e.key, e.question) for e, _ in examples(urls, "vqa", ["color"], seed=3, shuffle_buffer=8,
+                                                             rank=r, world=procs)] for r in range(procs)]
+        assert sorted(x for share in shares for x in share) == sorted(whole)  # disjoint, and the whole together
+        assert all(abs(len(share) - 384 / procs) <= 64 for share in shares)
+        sizes = [len(share) for share in shares]
+        assert (sizes == [192, 192]) if procs == 2 else (sizes == [48] * 8)
+
+
 def test_stage1_trains_the_projector_only_and_stage2_the_llm(world: dict[str, Any]) -> None:
     cfg = world["cfg"]
     settings = VqaSettings.from_config(cfg)

@@ -698,6 +698,10 @@ class VqaConfig(Strict):
     max_questions: int | None = Field(None, ge=1, description="score only the evaluation split's first this many "
                                       "questions; None = all")
     max_new_tokens: int = Field(16, ge=1, description="greedy answer length cap")
+    processes: int = Field(1, ge=1, le=64, description="processes of the vqa job, one per GPU on one node (eval.gpus "
+                           "1; CPU processes with eval.gpus 0): with more than one, both stages train data-parallel "
+                           "under DeepSpeed ZeRO-2 and each process answers a share of the questions "
+                           "(versavit.eval.vqa.parallel); paper.yaml: 8, as Qwen3-8B's full fine-tune needs")
     lmms_tasks: list[str] = Field(default_factory=list, description="lmms-eval tasks the trained MLLM is also scored "
                                   "on, through lmms-eval itself (extra `lmms-eval`), their scores logged as metrics "
                                   "lmms_<task>_<metric>: task names of lmms-eval's registry (e.g. mmstar, ai2d; "

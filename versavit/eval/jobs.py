@@ -1,10 +1,11 @@
-"""Training-type evaluators (fine-tuned depth, referring-segmentation fine-tune) as jobs of their own.
+"""Training-type evaluators (fine-tuned depth, referring-segmentation fine-tune, VQA, retrieval) as jobs of their own.
 
 A pipeline's evaluator step for such a protocol does not train in its own pod: it leaves the backbones to compare
 in `<workdir>/stages/eval-<evaluator>/backbones.json` and has the launcher (versavit.stages) run stage
 `eval-<evaluator>`: torchrun on this machine, a PyTorchJob / TrainJob on a cluster, one process on one GPU
-(`job_config`). The job (`python -m versavit.eval.entry`: `run_job` there) runs the evaluator on every backbone and
-writes the results where the report step reads them, then `stage.json`, which the launchers wait for.
+(`job_config`; for vqa, `eval.vqa.processes` data-parallel processes). The job (`python -m versavit.eval.entry`:
+`run_job` there) runs the evaluator on every backbone and writes the results where the report step reads them, then
+`stage.json`, which the launchers wait for.
 """
 
 from __future__ import annotations
@@ -28,12 +29,20 @@ def backbones_url(cfg: RunConfig, evaluator: str) -> str:
     return storage.join(stage_url(cfg, f"{EVAL_STAGE_PREFIX}{evaluator}"), "backbones.json")
 
 
-def job_config(cfg: RunConfig) -> RunConfig:
-    """The config of an evaluation job: one node, one process, `eval.gpus` GPUs (0 = a CPU node)."""
+def job_processes(cfg: RunConfig, evaluator: str | None = None) -> int:
+    """Processes of an evaluation job: `eval.vqa.processes` for vqa (data-parallel, versavit.eval.vqa.parallel),
+    else one."""
+    return cfg.eval.vqa.processes if evaluator == "vqa" else 1
+
+
+def job_config(cfg: RunConfig, evaluator: str | None = None) -> RunConfig:
+    """The config of an evaluation job: one node; one process on `eval.gpus` GPUs (0 = a CPU node), or, for a
+    data-parallel evaluator (`job_processes`), that many processes with `eval.gpus` GPUs each."""
     launch = cfg.launch
+    nproc = job_processes(cfg, evaluator)
     resources = launch.resources.model_copy(update={"gpus_per_node": min(launch.resources.gpus_per_node,
-                                                                         cfg.eval.gpus)})
-    return cfg.model_copy(update={"launch": launch.model_copy(update={"nnodes": 1, "nproc_per_node": 1,
+                                                                         cfg.eval.gpus * nproc)})
+    return cfg.model_copy(update={"launch": launch.model_copy(update={"nnodes": 1, "nproc_per_node": nproc,
                                                                       "resources": resources})})
 
 

@@ -298,12 +298,21 @@ def run_eval(cfg: RunConfig, trained: str | None = None, baseline: str | VisionB
 # the pipeline's fan-out: one step per evaluator, then one report step
 
 
-def evaluate_one(cfg: RunConfig, exports: Mapping[str, str], evaluator: str) -> str:
+def evaluate_one(cfg: RunConfig, exports: Mapping[str, str], evaluator: str, publish: bool = True) -> str:
     """One evaluator on every backbone (baseline + exports) and benchmark, as its own MLflow stage run
-    `eval-<evaluator>` (figures and metrics there); its typed results to `results_url`. Returns that URL."""
+    `eval-<evaluator>` (figures and metrics there); its typed results to `results_url`. Returns that URL.
+    `publish` False (the other processes of a data-parallel job): the same work, nothing tracked or written."""
     cfg = weights.resolve(cfg)
     storage.configure(cfg.storage)
     candidates = _candidates(comparison_backbones(cfg, exports=exports), cfg)
+    url = results_url(cfg, evaluator)
+    if not publish:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=f"versavit-eval-{evaluator}-") as scratch:
+            evaluate(candidates, open_benches(cfg), make_evaluators(cfg, [evaluator], Path(scratch)),
+                     Path(scratch) / "figures")
+        return url
     out = reports_dir(cfg, f"eval-{evaluator}")
     evals = make_evaluators(cfg, [evaluator], out)
     benches = open_benches(cfg)
@@ -316,7 +325,6 @@ def evaluate_one(cfg: RunConfig, exports: Mapping[str, str], evaluator: str) -> 
         for f in evaluation.figures:
             tracker.log_artifact(run, str(f), "eval/figures")
             storage.write_bytes(storage.join(cfg.workdir, "stages", "eval", "figures", f.name), f.read_bytes())
-    url = results_url(cfg, evaluator)
     storage.write_text(url, json.dumps({**results_to_json(evaluation), "benchmarks": [b.name for b in benches]},
                                        default=report._json_default))
     return url

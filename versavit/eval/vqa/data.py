@@ -95,20 +95,29 @@ def _pairs_of(source: Source, kinds: Sequence[str]):  # -> Callable[[Mapping], t
 
 
 def examples(urls: Sequence[str], source: Source, kinds: Sequence[str] = (), seed: int | None = None,
-             shuffle_buffer: int = 0) -> Iterator[tuple[QAExample, int]]:
+             shuffle_buffer: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[QAExample, int]]:
     """Every (image, question, answer) of `urls` for `source`, and the samples read since the previous example
     (the stream's progress: 1 for a sample's first example, plus the samples without any skipped before it; 0 for
     its other examples): in shard order, or (with `seed`) the shard order permuted and the samples shuffled through
-    a `shuffle_buffer`-sample buffer. One process (no DataLoader workers)."""
+    a `shuffle_buffer`-sample buffer. One process (no DataLoader workers). With `world` > 1, process `rank`'s share:
+    every world-th shard of the (same) permuted order when there are at least `world` shards, else every
+    world-th sample; the shares are disjoint and together the whole."""
     from versavit.data.loader import shard_pipeline
 
     shards = resolve_shards(list(urls))
     if seed is not None:
         shards = [shards[i] for i in np.random.default_rng(seed).permutation(len(shards))]
+    by_shard = world > 1 and len(shards) >= world
+    if by_shard:
+        shards = shards[rank::world]
     pipeline = shard_pipeline(shards, split_by_node=False, seed=seed or 0, transform=_pairs_of(source, kinds),
                               shuffle_buffer=shuffle_buffer if seed is not None else 0)
     skipped = 0
+    position = -1
     for item in pipeline:
+        position += 1
+        if world > 1 and not by_shard and position % world != rank:
+            continue  # another process's sample
         if item is None:
             skipped += 1
             continue
@@ -119,12 +128,13 @@ def examples(urls: Sequence[str], source: Source, kinds: Sequence[str] = (), see
 
 
 def training_batches(urls: Sequence[str], source: Source, batch_size: int, seed: int, shuffle_buffer: int,
-                     kinds: Sequence[str] = (), epochs: int | None = 1,
-                     keep: int = 0) -> Iterator[tuple[list[QAExample], int]]:
+                     kinds: Sequence[str] = (), epochs: int | None = 1, keep: int = 0, rank: int = 0,
+                     world: int = 1) -> Iterator[tuple[list[QAExample], int]]:
     """Shuffled batches of `source` examples, epoch after epoch (`epochs` None: forever), with the number of
     samples read so far. Examples are shuffled again through a buffer, so that one image's questions spread over
     batches; every epoch has its own order (seed + epoch). A dataset of at most `keep` samples is read once and
-    kept in memory for the later epochs (reshuffled whole). The last short batch of the stream is kept."""
+    kept in memory for the later epochs (reshuffled whole). The last short batch of the stream is kept. With
+    `world` > 1: process `rank`'s share of the data (`examples`), the sample count its own."""
     rng = np.random.default_rng(seed)
     total = num_samples(urls) if keep else None
     kept: list[QAExample] | None = [] if total is not None and total <= keep else None
@@ -136,7 +146,8 @@ def training_batches(urls: Sequence[str], source: Source, batch_size: int, seed:
 
     def stream() -> Iterator[tuple[QAExample, int]]:
         if epoch == 0 or kept is None:
-            for example, n in examples(urls, source, kinds, seed=seed + epoch, shuffle_buffer=shuffle_buffer):
+            for example, n in examples(urls, source, kinds, seed=seed + epoch, shuffle_buffer=shuffle_buffer,
+                                       rank=rank, world=world):
                 if kept is not None and epoch == 0:
                     kept.append(example)
                 yield example, n

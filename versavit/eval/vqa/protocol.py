@@ -43,6 +43,7 @@ import torch
 from versavit.eval.finetune import common
 from versavit.eval.finetune.common import deterministic
 from versavit.eval.results import EvalResult, MetricSpec
+from versavit.eval.vqa import parallel
 from versavit.eval.vqa.data import QAExample, eval_examples
 from versavit.eval.vqa.metrics import mean_by_category, scores
 from versavit.eval.vqa.predictions import option_columns_of, prediction_file_name, write_predictions
@@ -167,6 +168,10 @@ def vqa_eval(candidate: Candidate, benchmark: Benchmark, cfg: RunConfig, device:
         unchanged = backbone_digest(model.backbone) == before
         predictions = predict(model, questions, settings.batch_size)
         model.cache_features(0)
+    par = parallel.current()
+    # several processes (ZeRO-2): their replicas must have trained in step; only the first one writes
+    replicas = set(parallel.gather(parallel.weights_digest(model.head), par))
+    primary_out = out_dir if par.primary else None
     answers = [q.answer for q in questions]
     categories = [q.category for q in questions]
     hits = question_scores(predictions, questions)
@@ -183,6 +188,7 @@ def vqa_eval(candidate: Candidate, benchmark: Benchmark, cfg: RunConfig, device:
                      "answer": [q.answer for q in shown], "prediction": predictions[:EXAMPLES]},
         "backbone_unchanged": unchanged, "prior": prior.as_dict(), "settings": settings.as_dict(),
         "questions": len(questions), "stage1_data": stage1_urls, "stage2_data": stage2_urls,
+        "processes": par.world, "replicas_identical": len(replicas) == 1,
     })
     result.notes.append(f"{candidate.name}: stage 1 {len(stage1)} steps (final loss {stage1[-1]:.3f}), stage 2 "
                         f"{len(stage2)} steps (final loss {stage2[-1]:.3f}); {len(questions)} questions, accuracy "
@@ -190,22 +196,25 @@ def vqa_eval(candidate: Candidate, benchmark: Benchmark, cfg: RunConfig, device:
                         f"{'unchanged' if unchanged else 'CHANGED'}")
     if not unchanged:
         log.error("vqa %s: the frozen backbone's weights changed during training", candidate.name)
-    if out_dir is not None:
-        folder = Path(out_dir) / f"{_safe(benchmark.name)}-{_safe(candidate.name)}"
+    if len(replicas) != 1:
+        log.error("vqa %s: the %d processes' trained weights differ", candidate.name, par.world)
+    if primary_out is not None:
+        folder = Path(primary_out) / f"{_safe(benchmark.name)}-{_safe(candidate.name)}"
         name = prediction_file_name(f"VersaViT-{candidate.name}", f"{benchmark.name}-VQA")
         tsv = write_predictions(folder / name, prediction_rows(questions, predictions),
                                 option_columns_of(q.options for q in questions))
         saved = model.cpu().save(folder / "model", backbone=candidate.source, benchmark=benchmark.name,
                                  llm=settings.llm)
         result.artifacts.update({"predictions": str(tsv), "model": str(saved)})
-    if settings.lmms_tasks:
+    if settings.lmms_tasks:  # every process scores (the same weights), so none waits alone for the others
         lmms_eval_scores(result, model.to(device), questions, benchmark.name, settings,
-                         Path(out_dir) / f"{_safe(benchmark.name)}-{_safe(candidate.name)}" if out_dir else None)
+                         Path(primary_out) / f"{_safe(benchmark.name)}-{_safe(candidate.name)}" if primary_out
+                         else None)
     result.elapsed_s = time.monotonic() - started
     log.info("vqa %s on %s: accuracy %.1f%% (chance %.1f%%, %d questions, %.0f s)", candidate.name, benchmark.name,
              100 * acc, 100 * chance, len(questions), result.elapsed_s)
-    if out_dir is not None:
-        write_result(result, Path(out_dir))
+    if primary_out is not None:
+        write_result(result, Path(primary_out))
     return result
 
 

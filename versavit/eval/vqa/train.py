@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from versavit.eval.vqa import parallel
 from versavit.eval.vqa.data import QAExample, Source, num_samples, training_batches
 from versavit.eval.vqa.metrics import AnswerPrior
 from versavit.eval.vqa.model import VqaModel
@@ -150,34 +151,53 @@ def train_stage(model: VqaModel, stage: int, urls: Sequence[str], source: Source
     chosen = {id(p) for p in params}
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)
+    par = parallel.current()
     groups = param_groups({"trainable": params}, {"trainable": lr}, settings.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=settings.betas, weight_decay=settings.weight_decay)
+    # several processes: DeepSpeed ZeRO-2 averages the gradients and partitions the optimiser state (parallel.py)
+    engine = parallel.zero2_engine(model, optimizer, settings.batch_size, settings.grad_clip) if par.world > 1 \
+        else None
+    if engine is not None:
+        optimizer = engine.optimizer
+        total = None if total is None else -(-total // par.world)  # this process's share
     model.train()
     losses: list[float] = []
     started = time.monotonic()
-    log.info("vqa %s stage %d: %s on %s, lr %g, %s", label, stage, source, ", ".join(urls), lr,
-             f"{steps} steps" if steps else f"one epoch ({total} samples)")
-    batches = training_batches(urls, source, settings.batch_size, settings.seed + 1000 * stage,
-                               settings.shuffle_buffer, settings.qa_kinds if source == "vqa" else (),
-                               epochs=1 if steps is None else None, keep=settings.in_memory)
-    for batch, read in batches:
+    log.info("vqa %s stage %d: %s on %s, lr %g, %s%s", label, stage, source, ", ".join(urls), lr,
+             f"{steps} steps" if steps else f"one epoch ({total} samples)",
+             f", {par.world} processes (ZeRO-2)" if par.world > 1 else "")
+    batches = iter(training_batches(urls, source, settings.batch_size, settings.seed + 1000 * stage,
+                                    settings.shuffle_buffer, settings.qa_kinds if source == "vqa" else (),
+                                    epochs=1 if steps is None else None, keep=settings.in_memory, rank=par.rank,
+                                    world=par.world))
+    while True:
+        item = next(batches, None)
+        if not parallel.all_have(item is not None, par):  # the processes step together: all, or none
+            break
+        batch, read = item  # type: ignore[misc]
         progress = len(losses) / steps if steps else min(read / total, 1.0)  # type: ignore[operator]
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(progress, settings.warmup_ratio, settings.schedule)
         out = model.loss([e.image for e in batch], [e.question for e in batch], [e.answer for e in batch])
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-        optimizer.step()
-        losses.append(float(out.loss.detach()))
+        if engine is not None:
+            engine.backward(out.loss)
+            engine.step()  # clips at gradient_clipping, steps, zeroes the gradients
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+            optimizer.step()
+        losses.append(parallel.mean(float(out.loss.detach()), par))
         if prior is not None:
             prior.update([e.answer for e in batch], [e.category for e in batch])
         if len(losses) % settings.log_every == 0:
             log.info("vqa %s stage %d: step %d%s loss %.4f (%.1f examples/s)", label, stage, len(losses),
                      f"/{steps}" if steps else f", {read}/{total} samples", losses[-1],
-                     len(losses) * settings.batch_size / max(time.monotonic() - started, 1e-9))
+                     len(losses) * settings.batch_size * par.world / max(time.monotonic() - started, 1e-9))
         if steps and len(losses) >= steps:
             break
+    if engine is not None:
+        engine.destroy()  # its gradient hooks go with it: the next stage trains other parameters
     for p in model.parameters():
         p.requires_grad_(False)
     if not losses:
@@ -195,19 +215,31 @@ def train_two_stages(model: VqaModel, stage1_urls: Sequence[str], stage2_urls: S
     prior = AnswerPrior()
     stage2 = train_stage(model, 2, stage2_urls, "vqa", projector + model.head.llm_parameters(), settings.stage2_lr,
                          settings.stage2_steps, settings, prior=prior, label=label)
+    par = parallel.current()
+    if par.world > 1:  # every process counted its own share of the answers
+        merged = AnswerPrior()
+        for counts in parallel.gather(prior.as_dict(), par):
+            for category, answers in AnswerPrior.from_dict(counts).counts.items():
+                merged.counts[category].update(answers)
+        prior = merged
     return stage1, stage2, prior
 
 
 @torch.no_grad()
 def predict(model: VqaModel, examples: Sequence[QAExample], batch_size: int,
             max_new_tokens: int | None = None) -> list[str]:
-    """Greedy answers to `examples`, in order."""
+    """Greedy answers to `examples`, in order (several processes: each answers every world-th, gathered)."""
     model.eval()
+    par = parallel.current()
+    share = list(examples)[par.rank::par.world]
     out: list[str] = []
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i: i + batch_size]
+    for i in range(0, len(share), batch_size):
+        chunk = share[i: i + batch_size]
         out += model.answer([e.image for e in chunk], [e.question for e in chunk], max_new_tokens)
-    return out
+    if par.world == 1:
+        return out
+    parts = parallel.gather(out, par)
+    return [parts[i % par.world][i // par.world] for i in range(len(examples))]
 
 
 __all__ = ["VqaSettings", "build_vqa_model", "describe_protocol", "lr_factor", "predict",
