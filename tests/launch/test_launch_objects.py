@@ -273,3 +273,25 @@ def test_network_knobs_are_absent_by_default(kind: str) -> None:
         k8s_validate_pod_template(template)
     else:
         assert obj["spec"]["runtimeRef"]["name"] == "torch-distributed"
+
+
+@pytest.mark.parametrize("kind", ["PyTorchJob", "TrainJob"])
+def test_the_papers_vqa_job_is_one_node_of_eight_processes(kind: str) -> None:
+    """paper.yaml's vqa evaluator (Table 2, Qwen3-8B) trains data-parallel in its own job: one node, 8 processes,
+    8 GPUs (eval.vqa.processes); the other evaluation jobs stay one process on one GPU."""
+    from versavit.eval.jobs import job_config
+
+    cfg = paper()
+    vqa = BUILDERS[kind](job_config(cfg, "vqa"), "eval-vqa", CONFIG_URL)
+    depth = BUILDERS[kind](job_config(cfg, "finetune-depth"), "eval-finetune-depth", CONFIG_URL)
+    for obj in (vqa, depth):
+        jsonschema.validate(obj, crd_schema(kind))
+    if kind == "PyTorchJob":
+        assert vqa["spec"]["nprocPerNode"] == "8" and depth["spec"]["nprocPerNode"] == "1"
+        assert set(vqa["spec"]["pytorchReplicaSpecs"]) == {"Master"}
+        limits = vqa["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["resources"]
+        assert limits["limits"]["nvidia.com/gpu"] == "8"
+    else:
+        assert vqa["spec"]["trainer"]["numNodes"] == 1 and vqa["spec"]["trainer"]["numProcPerNode"] == 8
+        assert vqa["spec"]["trainer"]["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"
+        assert depth["spec"]["trainer"]["numProcPerNode"] == 1

@@ -111,7 +111,7 @@ def test_paper_pipeline_stages_weights_prepares_and_labels_before_training(tmp_p
     order = ["weights", "prepare", "label-depth", "label-masks", "label-describe", "label-embed", "warmup",
              "multitask", "evaluate-linear-probe", "report"]
     evaluators = {f"evaluate-{n}" for n in load_config(ROOT / "configs/paper.yaml").eval.evaluators}
-    assert len(evaluators) == 8 and set(step) == {"open-run", *order, *evaluators}
+    assert len(evaluators) == 9 and set(step) == {"open-run", *order, *evaluators}
     assert all(step["multitask"] in deps[step[e]] and step[e] in deps[step["report"]] for e in evaluators)
     for before, after in zip(order, order[1:], strict=False):
         assert step[before] in deps[step[after]], (before, after)
@@ -263,7 +263,7 @@ def test_paper_pipeline_steps_are_right_sized(tmp_path: Path) -> None:
                 "exec-prepare": (driver, ("4", None, "16Gi", "16Gi", None)),
                 "exec-evaluate": (labeler, ("500m", "2", "2Gi", "2Gi", None))}  # the report
     expected |= {executor[f"evaluate-{n}"]: (driver, ("500m", "2", "2Gi", "2Gi", None))
-                 for n in ("finetune-depth", "refseg-finetune", "retrieval")}  # they launch their jobs
+                 for n in ("finetune-depth", "refseg-finetune", "retrieval", "vqa")}  # they launch their jobs
     expected |= {executor[f"evaluate-{n}"]: (labeler, ("8", None, "64Gi", "64Gi", "1"))
                  for n in ("linear-probe", "zero-shot-depth", "da2k", "refseg", "correspondence")}
     expected |= {name: (labeler, ("8", None, "64Gi", "64Gi", "1")) for name in containers

@@ -76,7 +76,7 @@ def test_the_paper_chain_runs_on_its_stand_ins(tmp_path: Path, monkeypatch: pyte
     assert json.loads(storage.read_text(warm))["steps"] == 2
     # every evaluator of the paper run, in one process here (the pipeline's fan-out into one step per evaluator,
     # and the fine-tunes as launched jobs, are tested in tests/test_pipeline_full.py and tests/eval/test_evaluators.py)
-    assert set(cfg.eval.evaluators) < set(paper.eval.evaluators) and len(paper.eval.evaluators) == 8
+    assert set(cfg.eval.evaluators) < set(paper.eval.evaluators) and len(paper.eval.evaluators) == 9
     report = stage_eval_manifests(cfg, [multi])
     md = (Path(report) / "comparison.md").read_text()
     sections = md.split("\n## ")
