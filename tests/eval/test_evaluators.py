@@ -119,7 +119,7 @@ def test_training_evaluator_runs_as_its_own_launched_job(eval_run: Path) -> None
 
     assert EVAL_STAGE_PREFIX == LAUNCH_PREFIX and entry_module("eval-finetune-depth") == "versavit.eval.entry"
     cfg = eval_config(eval_run, "eval.vqa={processes: 2, stage1_steps: 2, stage2_steps: 3, batch_size: 4, "
-                      "max_questions: 6, log_every: 1}", "eval.finetune_depth.max_steps=2")
+                      "max_questions: 6, log_every: 1, lmms_tasks: [local]}", "eval.finetune_depth.max_steps=2")
     assert (job_config(cfg, "finetune-depth").launch.nnodes, job_config(cfg, "finetune-depth").launch.nproc_per_node,
             job_config(cfg).launch.nproc_per_node) == (1, 1, 1)
     assert job_config(cfg, "vqa").launch.nproc_per_node == 2
@@ -141,6 +141,8 @@ def test_training_evaluator_runs_as_its_own_launched_job(eval_run: Path) -> None
         assert len(result.curves["stage1_loss"]) == 2 and len(result.curves["stage2_loss"]) == 3
         rows = read_predictions(Path(result.artifacts["predictions"]))
         assert [int(r["index"]) for r in rows] == list(range(6))  # both processes' answers, gathered in order
+        # lmms-eval inside the two-process job scores the whole task in each process, as the evaluator does
+        assert result.value("lmms_versavit_synthetic_vqa_exact_match") == pytest.approx(result.value("accuracy"))
 
 
 def test_probe_and_zero_shot_metrics_perfect_vs_shuffled() -> None:

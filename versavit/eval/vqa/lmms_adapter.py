@@ -67,6 +67,25 @@ def _pil_settings_kept() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 
+@contextlib.contextmanager
+def _one_process() -> Iterator[None]:
+    """lmms-eval splits its documents over the processes named by RANK / WORLD_SIZE (torchrun's variables); the
+    vqa job's data-parallel processes each score the whole task with the same weights, so lmms-eval is told it
+    runs alone."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 try:  # lmms-eval installed: the real base class
     with _pil_settings_kept():
         from lmms_eval.api.model import lmms as _Base
@@ -282,7 +301,7 @@ def run_lmms_eval(model: str | Path | VqaModel, tasks: str | Path | Sequence[str
                      batch_size=batch_size)
     folders = sorted({str(p.parent) for p in local})
     # lmms-eval's own tasks are indexed only when a registry task is asked for (indexing them all takes seconds)
-    with _pil_settings_kept():
+    with _pil_settings_kept(), _one_process():
         manager = TaskManager(include_path=folders or None, include_defaults=len(local) < len(tasks))
         return simple_evaluate(model=lm, tasks=names, task_manager=manager, batch_size=batch_size, device=device,
                                limit=limit, log_samples=True, bootstrap_iters=0)
