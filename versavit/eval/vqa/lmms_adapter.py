@@ -70,12 +70,11 @@ def _pil_settings_kept() -> Iterator[None]:
 @contextlib.contextmanager
 def _one_process() -> Iterator[None]:
     """lmms-eval splits its documents over the processes named by RANK / WORLD_SIZE (torchrun's variables); the
-    vqa job's data-parallel processes each score the whole task with the same weights, so lmms-eval is told it
-    runs alone."""
+    vqa job's data-parallel processes each score the whole task with the same weights, so lmms-eval does not see
+    them (unset, as in a plain process: set to 1, accelerate would try to join a process group)."""
     import os
 
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    saved = {k: os.environ.pop(k, None) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     try:
         yield
     finally:
@@ -141,6 +140,9 @@ class VersaViTVQA(_Base):
     """A saved VqaModel (`pretrained`: the folder the vqa evaluator wrote, `<benchmark>-<backbone>/model`)."""
 
     is_simple = True
+    # lmms-eval builds an accelerate Accelerator for a model without one; it uses it only to synchronise several
+    # processes, and this model is scored by one (_one_process)
+    accelerator = None
 
     def __init__(self, pretrained: str | None = None, device: str | None = None, batch_size: int | str = 1,
                  max_new_tokens: int | str | None = None, model: VqaModel | None = None, **kwargs: Any) -> None:
