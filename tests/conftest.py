@@ -26,9 +26,13 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def free_tcp_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (for unreachable-server tests)."""
-    return free_port()
+def free_tcp_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that refuses connections for the whole test (unreachable-server tests): bound by this
+    fixture and never listened on, so no server another test starts meanwhile (xdist runs two at once) can take it;
+    a port merely found free could be, and the "unreachable" server then answered."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -140,18 +140,19 @@ def test_ui_refuses_a_missing_store_and_does_not_create_it(tmp_path: Path) -> No
     assert not tmp_path.joinpath("other.db").exists()
 
 
-def test_ui_refuses_a_busy_port(tmp_path: Path, free_tcp_port: int) -> None:
+def test_ui_refuses_a_busy_port(tmp_path: Path) -> None:
     (tmp_path / "mlflow.db").touch()
     with socket.socket() as busy:
-        busy.bind(("127.0.0.1", free_tcp_port))
+        busy.bind(("127.0.0.1", 0))
         busy.listen()
-        res = cli("ui", "--config", small_config(tmp_path), "--port", str(free_tcp_port),
+        port = busy.getsockname()[1]
+        res = cli("ui", "--config", small_config(tmp_path), "--port", str(port),
                   f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")
     assert res.returncode == 1
-    assert res.stderr.splitlines() == [f"error: port {free_tcp_port} on 127.0.0.1 is in use: pass --port N"]
+    assert res.stderr.splitlines() == [f"error: port {port} on 127.0.0.1 is in use: pass --port N"]
 
 
-def test_ui_exit_status_is_mlflows(tmp_path: Path, free_tcp_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ui_exit_status_is_mlflows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
     from versavit import storage
@@ -162,11 +163,13 @@ def test_ui_exit_status_is_mlflows(tmp_path: Path, free_tcp_port: int, monkeypat
     monkeypatch.setattr(subprocess, "call", lambda argv, env: calls.append(argv) or 3)  # mlflow failed
     (tmp_path / "mlflow.db").touch()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = CliRunner().invoke(app, ["ui", "--config", small_config(tmp_path), "--port", str(free_tcp_port),
+    with socket.socket() as probe:  # a port free now, for `ui` to find free (mlflow itself never starts here)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = CliRunner().invoke(app, ["ui", "--config", small_config(tmp_path), "--port", str(port),
                                       f"tracking.uri={uri}"])
     assert result.exit_code == 3, result.output
-    assert calls and calls[0][-6:] == ["--backend-store-uri", uri, "--host", "127.0.0.1", "--port",
-                                       str(free_tcp_port)]
+    assert calls and calls[0][-6:] == ["--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
 
 
 def test_tracking_replay_server_still_down_is_one_line_exit_1(tmp_path: Path, free_tcp_port: int,
