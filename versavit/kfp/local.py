@@ -37,6 +37,7 @@ from rich.table import Table
 
 from versavit import layout, storage
 from versavit.config import RunConfig
+from versavit.environ import environment as _environment
 from versavit.launch.errors import LaunchError
 from versavit.tracking import PIPELINE_ENV, RUN_NAME_ENV, tracking_uri
 from versavit.tracking.identity import OVERRIDES_ENV, config_changes, experiment_url, overrides_env, ui_base
@@ -253,25 +254,6 @@ def _quiet_kfp(reporter: _StepReporter) -> Iterator[None]:
         for mod, attr, old in saved:
             setattr(mod, attr, old)
         root.removeFilter(from_kfp)
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str | None]) -> Iterator[None]:
-    """Set (or, with None, unset) environment variables for the steps; restored afterwards."""
-    saved = {k: os.environ.get(k) for k in values}
-    try:
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _run_name(uri: str, run_id: str) -> str | None:

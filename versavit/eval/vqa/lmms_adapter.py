@@ -67,22 +67,13 @@ def _pil_settings_kept() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 
-@contextlib.contextmanager
-def _one_process() -> Iterator[None]:
+def _one_process() -> contextlib.AbstractContextManager:
     """lmms-eval splits its documents over the processes named by RANK / WORLD_SIZE (torchrun's variables); the
     vqa job's data-parallel processes each score the whole task with the same weights, so lmms-eval does not see
     them (unset, as in a plain process: set to 1, accelerate would try to join a process group)."""
-    import os
+    from versavit.environ import environment
 
-    saved = {k: os.environ.pop(k, None) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return environment({"RANK": None, "WORLD_SIZE": None, "LOCAL_RANK": None})
 
 
 try:  # lmms-eval installed: the real base class

@@ -15,7 +15,6 @@ One process (no process group): every function here is the identity.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,13 +103,4 @@ def zero2_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
     return engine
 
 
-def weights_digest(module: torch.nn.Module) -> str:
-    """A digest of `module`'s parameters (replicas that train in step have the same)."""
-    h = hashlib.sha256()
-    for name, p in sorted(module.named_parameters()):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-__all__ = ["Parallel", "all_have", "current", "gather", "mean", "weights_digest", "zero2_engine"]
+__all__ = ["Parallel", "all_have", "current", "gather", "mean", "zero2_engine"]

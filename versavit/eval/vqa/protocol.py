@@ -169,8 +169,9 @@ def vqa_eval(candidate: Candidate, benchmark: Benchmark, cfg: RunConfig, device:
         predictions = predict(model, questions, settings.batch_size)
         model.cache_features(0)
     par = parallel.current()
-    # several processes (ZeRO-2): their replicas must have trained in step; only the first one writes
-    replicas = set(parallel.gather(parallel.weights_digest(model.head), par))
+    # several processes (ZeRO-2): their replicas must have trained in step (a content digest of each process's
+    # trained head, compared; one process is one replica); only the first one writes
+    replicas = set(parallel.gather(backbone_digest(model.head), par)) if par.world > 1 else {"one"}
     primary_out = out_dir if par.primary else None
     answers = [q.answer for q in questions]
     categories = [q.category for q in questions]
