@@ -84,9 +84,9 @@ class Evaluation:
 
 
 def evaluate(candidates: list[Candidate], benches: list[Benchmark], evals: list[Evaluator],
-             figures_dir: Path) -> Evaluation:
+             figures_dir: Path | None) -> Evaluation:
     """Each backbone (loaded once, then released) through each evaluator on each benchmark it applies to; then
-    each evaluator's figures per benchmark, with every backbone in them."""
+    each evaluator's figures per benchmark, with every backbone in them (none without `figures_dir`)."""
     out = Evaluation()
     for cand in candidates:
         backbone = cand.load_backbone()
@@ -110,7 +110,7 @@ def evaluate(candidates: list[Candidate], benches: list[Benchmark], evals: list[
             out.notes.append(f"{cand.name} has no task heads (not a multi-task export): the evaluators that need "
                              "them (zero-shot depth, DA-2K, referring segmentation) skip it")
         cand.release()
-    out.figures = _figures(evals, benches, out.results, figures_dir)
+    out.figures = _figures(evals, benches, out.results, figures_dir) if figures_dir is not None else []
     for ev in evals:
         if note := ev.protocol_note():
             out.notes.append(note)
@@ -310,8 +310,7 @@ def evaluate_one(cfg: RunConfig, exports: Mapping[str, str], evaluator: str, pub
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix=f"versavit-eval-{evaluator}-") as scratch:
-            evaluate(candidates, open_benches(cfg), make_evaluators(cfg, [evaluator], Path(scratch)),
-                     Path(scratch) / "figures")
+            evaluate(candidates, open_benches(cfg), make_evaluators(cfg, [evaluator], Path(scratch)), None)
         return url
     out = reports_dir(cfg, f"eval-{evaluator}")
     evals = make_evaluators(cfg, [evaluator], out)
